@@ -1,0 +1,142 @@
+"""Self-attention variants on q, k, v as ComfyUI hands them to an attn1 replacement.
+
+Every function takes ``q, k, v`` of shape ``[B, N, heads*d]`` (B frames of N tokens, heads
+concatenated on the channel axis) and returns ``[B, N, heads*d]``, ready for the layer's
+output projection. The batch is ``num_chunks`` equal chunks of consecutive frames, one
+per cond/uncond branch (ComfyUI never splits one cond's frames across a chunk).
+
+- :func:`per_frame_attention`: plain self-attention inside each frame (SD's own).
+- :func:`full_attention`: every frame's queries attend to the keys/values of every frame of
+  its group. This is TokenFlow's extended keyframe attention (REFERENCE §5.3) and the
+  "inflated" attention of the STEM paper.
+- :func:`stem_attention`: every frame's queries attend to the EM bases of its group
+  (REFERENCE §4).
+- :func:`pnp_substitute`: the PnP q/k injection from the source branch (REFERENCE §5.2).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .em import DEFAULT_EM_ITERS, DEFAULT_NUM_BASES, DEFAULT_TAU, em_bases
+
+
+def frame_groups(num_frames: int, frames_per_group: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive groups ``(start, length)`` of one chunk's frames.
+
+    None means one group of all frames (the paper's whole-clip bases, our default); n gives
+    groups of n frames with a shorter last group, as the reference's inversion batches do
+    (REFERENCE §3: 60 frames in batches of 8 leave a last group of 4).
+    """
+    if num_frames < 1:
+        raise ValueError(f"need at least one frame, got {num_frames}")
+    n = num_frames if not frames_per_group or frames_per_group >= num_frames else int(frames_per_group)
+    return [(s, min(n, num_frames - s)) for s in range(0, num_frames, n)]
+
+
+def _grouped(
+    num_frames_total: int, num_chunks: int, frames_per_group: int | None
+) -> Iterator[tuple[int, int, int]]:
+    """Yield ``(start_in_chunk, group_len, count)`` blocks: all groups of one length across
+    all chunks are processed in one batched call (at most two calls: full and short groups)."""
+    if num_chunks < 1 or num_frames_total % num_chunks:
+        raise ValueError(f"batch of {num_frames_total} frames does not split into {num_chunks} equal chunks")
+    groups = frame_groups(num_frames_total // num_chunks, frames_per_group)
+    full = [g for g in groups if g[1] == groups[0][1]]
+    yield 0, groups[0][1], len(full)
+    if len(full) < len(groups):
+        start, length = groups[-1]
+        yield start, length, 1
+
+
+def _apply_grouped(
+    fn,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    num_chunks: int,
+    frames_per_group: int | None,
+) -> torch.Tensor:
+    """Run ``fn(qg, kg, vg)`` on ``[groups, heads, frames*N, d]`` views of each block of
+    equal-size groups and scatter the results back to ``[B, N, heads*d]``."""
+    B, N, _ = q.shape
+    blocks = list(_grouped(B, num_chunks, frames_per_group))
+    out = torch.empty_like(q)
+    out_chunks = rearrange(out, "(c f) n e -> c f n e", c=num_chunks)
+    for start, length, count in blocks:
+        span = slice(start, start + length * count)
+
+        def to_groups(x: torch.Tensor) -> torch.Tensor:
+            x = rearrange(x, "(c f) n e -> c f n e", c=num_chunks)[:, span]
+            return rearrange(x, "c (g f) n (h d) -> (c g) h (f n) d", f=length, h=heads)
+
+        o = fn(to_groups(q), to_groups(k), to_groups(v))
+        out_chunks[:, span] = rearrange(o, "(c g) h (f n) d -> c (g f) n (h d)", c=num_chunks, f=length, n=N)
+    return out
+
+
+def per_frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """SD's own self-attention: each frame's queries attend to that frame's tokens."""
+    q, k, v = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v)
+    return rearrange(o, "b h n d -> b n (h d)")
+
+
+def full_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    num_chunks: int = 1,
+    frames_per_group: int | None = None,
+) -> torch.Tensor:
+    """Extended (inflated) attention: each frame's queries attend to all ``F*N`` tokens of
+    its group. With one group per chunk this is TokenFlow's keyframe attention
+    (REFERENCE §5.3). Memory grows with ``(F*N)^2`` unless SDPA picks a fused kernel."""
+    return _apply_grouped(F.scaled_dot_product_attention, q, k, v, heads, num_chunks, frames_per_group)
+
+
+def stem_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    num_chunks: int = 1,
+    frames_per_group: int | None = None,
+    num_bases: int = DEFAULT_NUM_BASES,
+    iters: int = DEFAULT_EM_ITERS,
+    tau: float = DEFAULT_TAU,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """STEM self-attention (REFERENCE §4).
+
+    For each group (by default every frame of one chunk), EM estimates ``num_bases`` key
+    bases and value bases per head from the group's keys and values, and every frame's
+    queries attend to them with ``scaled_dot_product_attention`` (scale ``1/sqrt(d)``).
+    The bases are fp32; the attention runs in the dtype of ``q``.
+    """
+
+    def attend(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor) -> torch.Tensor:
+        mu, v_bases = em_bases(kg, vg, num_bases, iters, tau, generator, chunk_size)
+        return F.scaled_dot_product_attention(qg, mu.to(qg.dtype), v_bases.to(qg.dtype))
+
+    return _apply_grouped(attend, q, k, v, heads, num_chunks, frames_per_group)
+
+
+def pnp_substitute(x: torch.Tensor, source: torch.Tensor, inject: list[bool]) -> torch.Tensor:
+    """PnP injection (REFERENCE §5.2): replace the queries (or keys) of the chunks marked in
+    ``inject`` with the source branch's.
+
+    x: ``[len(inject)*F, N, C]``, one chunk of F frames per entry of ``inject``;
+    source: ``[F, N, C]``. Values are never substituted, as in the reference.
+    """
+    chunks = rearrange(x, "(c f) n e -> c f n e", c=len(inject))
+    if source.shape != chunks.shape[1:]:
+        raise ValueError(f"source {tuple(source.shape)} does not match a chunk {tuple(chunks.shape[1:])}")
+    mask = torch.tensor(inject, device=x.device).view(-1, 1, 1, 1)
+    return rearrange(torch.where(mask, source.unsqueeze(0).to(x.dtype), chunks), "c f n e -> (c f) n e")

@@ -1,0 +1,129 @@
+"""Attention variants on ComfyUI's attn1 layout [B, N, heads*d], against naive formulas."""
+import math
+
+import pytest
+import torch
+
+from stem.attention import frame_groups, full_attention, per_frame_attention, pnp_substitute, stem_attention
+from stem.em import em_bases
+
+
+def qkv(B=6, N=10, heads=2, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, N, heads * d, generator=g) for _ in range(3)]
+
+
+def naive_attention(q, k, v):
+    """q [Nq, d], k/v [Nk, d]."""
+    w = torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), dim=-1)
+    return w @ v
+
+
+def head(x, h, d):
+    return x[..., h * d : (h + 1) * d]
+
+
+def test_frame_groups_whole_clip_and_reference_chunks():
+    assert frame_groups(60) == [(0, 60)]
+    assert frame_groups(60, 8)[-1] == (56, 4) and len(frame_groups(60, 8)) == 8
+    assert frame_groups(16, 8) == [(0, 8), (8, 8)]
+    assert frame_groups(5, 8) == [(0, 5)]
+    with pytest.raises(ValueError):
+        frame_groups(0)
+
+
+def test_per_frame_attention_matches_naive():
+    q, k, v = qkv()
+    out = per_frame_attention(q, k, v, heads=2)
+    for b in range(6):
+        for h in range(2):
+            ref = naive_attention(head(q[b], h, 4), head(k[b], h, 4), head(v[b], h, 4))
+            torch.testing.assert_close(head(out[b], h, 4), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_chunks,frames_per_group", [(1, None), (2, None), (2, 2), (1, 4)])
+def test_full_attention_matches_naive_over_group_tokens(num_chunks, frames_per_group):
+    q, k, v = qkv(B=6)
+    out = full_attention(q, k, v, heads=2, num_chunks=num_chunks, frames_per_group=frames_per_group)
+    F = 6 // num_chunks
+    for c in range(num_chunks):
+        for start, length in frame_groups(F, frames_per_group):
+            frames = range(c * F + start, c * F + start + length)
+            for h in range(2):
+                keys = torch.cat([head(k[f], h, 4) for f in frames])
+                vals = torch.cat([head(v[f], h, 4) for f in frames])
+                for f in frames:
+                    ref = naive_attention(head(q[f], h, 4), keys, vals)
+                    torch.testing.assert_close(head(out[f], h, 4), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_chunks,frames_per_group", [(1, None), (2, None), (2, 2), (1, 4)])
+def test_stem_attention_matches_per_group_em_then_attention(num_chunks, frames_per_group):
+    q, k, v = qkv(B=6, N=12, heads=2, d=4, seed=1)
+    M = 5
+    out = stem_attention(q, k, v, 2, num_chunks, frames_per_group, num_bases=M, generator=torch.Generator().manual_seed(3))
+    # redo it group by group and head by head, drawing the initial noise in the same order
+    gen = torch.Generator().manual_seed(3)
+    F = 6 // num_chunks
+    groups = frame_groups(F, frames_per_group)
+    blocks = [[g for g in groups if g[1] == groups[0][1]]]
+    if len(blocks[0]) < len(groups):
+        blocks.append([groups[-1]])
+    for block in blocks:
+        length = block[0][1]
+        # stem_attention draws noise for all (chunk, group, head) of a block at once
+        noise = torch.randn(num_chunks * len(block), 2, M, 4, generator=gen)
+        for c in range(num_chunks):
+            for gi, (start, _) in enumerate(block):
+                frames = range(c * F + start, c * F + start + length)
+                for h in range(2):
+                    keys = torch.cat([head(k[f], h, 4) for f in frames])
+                    vals = torch.cat([head(v[f], h, 4) for f in frames])
+                    init = keys.mean(0) + keys.std(0) * noise[c * len(block) + gi, h]
+                    mu, vb = em_bases(keys, vals, M, init=init)
+                    for f in frames:
+                        ref = naive_attention(head(q[f], h, 4), mu, vb)
+                        torch.testing.assert_close(head(out[f], h, 4), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_whole_clip_bases_are_shared_by_every_frame_of_a_chunk():
+    """Frames with identical queries in one chunk get identical outputs (one set of bases),
+    while the two chunks (uncond, cond) get bases of their own."""
+    q, k, v = qkv(B=4, N=8, seed=2)
+    q[1:] = q[0]
+    k[2:] = k[2:] * 3
+    out = stem_attention(q, k, v, 2, num_chunks=2, num_bases=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out[0], out[1])
+    torch.testing.assert_close(out[2], out[3])
+    assert not torch.allclose(out[0], out[2], atol=1e-3)
+
+
+def test_stem_attention_is_seeded():
+    q, k, v = qkv()
+    a = stem_attention(q, k, v, 2, num_bases=4, generator=torch.Generator().manual_seed(5))
+    b = stem_attention(q, k, v, 2, num_bases=4, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_stem_attention_half_precision_stays_half_and_close():
+    q, k, v = qkv(B=2, N=64, heads=2, d=8)
+    ref = stem_attention(q, k, v, 2, num_bases=8, generator=torch.Generator().manual_seed(0))
+    out = stem_attention(*(x.bfloat16() for x in (q, k, v)), 2, num_bases=8, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().mean() < 0.05
+
+
+def test_uneven_chunks_are_refused():
+    q, k, v = qkv(B=5)
+    with pytest.raises(ValueError, match="equal chunks"):
+        stem_attention(q, k, v, 2, num_chunks=2, num_bases=4)
+
+
+def test_pnp_substitute_replaces_marked_chunks_only():
+    x = torch.arange(3 * 2 * 2 * 1.0).view(6, 2, 1)  # chunks [src-like, uncond, cond] of 2 frames
+    src = torch.full((2, 2, 1), -1.0)
+    out = pnp_substitute(x, src, [False, True, True])
+    assert torch.equal(out[:2], x[:2])
+    assert torch.equal(out[2:], src.repeat(2, 1, 1))
+    with pytest.raises(ValueError):
+        pnp_substitute(x, src[:1], [False, True, True])

@@ -1,0 +1,129 @@
+"""STEM bases (REFERENCE §4) against a per-head loop written from the spec."""
+import math
+
+import pytest
+import torch
+
+from stem.em import em_bases, init_bases
+
+
+def reference_em(K, V, mu, iters, tau):
+    """One head at a time, explicit softmax, as the reference writes it. K, V: [T, d]; mu: [M, d]."""
+    for _ in range(iters):
+        mu_n = mu / (mu.norm(dim=1, keepdim=True) + 1e-4)
+        logits = K @ mu_n.T / tau
+        logits = logits - logits.max(dim=1, keepdim=True).values
+        z = logits.exp() / logits.exp().sum(dim=1, keepdim=True)
+        zn = z / (z.sum(dim=0, keepdim=True) + 1e-4)
+        mu = zn.T @ K
+    return mu, zn.T @ V
+
+
+def rand_kv(*lead, T=96, d=8, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*lead, T, d, generator=g) * scale, torch.randn(*lead, T, d, generator=g))
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.5])
+def test_batched_em_equals_per_head_loop(tau):
+    K, V = rand_kv(2, 3, T=96, d=8)
+    init = init_bases(K, 16, torch.Generator().manual_seed(1))
+    mu, vb = em_bases(K, V, num_bases=16, iters=5, tau=tau, init=init)
+    assert mu.shape == vb.shape == (2, 3, 16, 8)
+    for g in range(2):
+        for h in range(3):
+            mu_ref, vb_ref = reference_em(K[g, h].double(), V[g, h].double(), init[g, h].double(), 5, tau)
+            torch.testing.assert_close(mu[g, h].double(), mu_ref, rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(vb[g, h].double(), vb_ref, rtol=1e-3, atol=1e-4)
+
+
+def test_init_is_normal_around_token_mean_and_unbiased_std():
+    K = torch.randn(4, 2000, 3) * torch.tensor([1.0, 3.0, 0.5]) + torch.tensor([2.0, -1.0, 0.0])
+    mu = init_bases(K, 4096, torch.Generator().manual_seed(0))
+    assert mu.shape == (4, 4096, 3) and mu.dtype == torch.float32
+    torch.testing.assert_close(mu.mean(1), K.mean(1), atol=0.15, rtol=0)
+    torch.testing.assert_close(mu.std(1), K.std(1, unbiased=True), atol=0.1, rtol=0.05)
+
+
+def test_init_of_single_token_is_that_token():
+    K = torch.tensor([[[1.0, 2.0]]])
+    mu = init_bases(K, 5, torch.Generator().manual_seed(0))
+    assert torch.equal(mu, K.expand(1, 5, 2))
+
+
+def test_seeded_runs_are_identical_and_seeds_differ():
+    K, V = rand_kv(3, T=64)
+    a = em_bases(K, V, 8, generator=torch.Generator().manual_seed(7))
+    b = em_bases(K, V, 8, generator=torch.Generator().manual_seed(7))
+    c = em_bases(K, V, 8, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.allclose(a[0], c[0])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 32, 95])
+def test_chunked_em_equals_unchunked(chunk):
+    K, V = rand_kv(2, 2, T=96, d=8, scale=3.0)
+    full = em_bases(K, V, 16, generator=torch.Generator().manual_seed(3))
+    part = em_bases(K, V, 16, generator=torch.Generator().manual_seed(3), chunk_size=chunk)
+    torch.testing.assert_close(part[0], full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(part[1], full[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_in_fp32(dtype):
+    K, V = rand_kv(2, T=4096, d=16, scale=4.0)
+    Kh, Vh = K.to(dtype), V.to(dtype)
+    mu, vb = em_bases(Kh, Vh, 32, generator=torch.Generator().manual_seed(0), chunk_size=1000)
+    assert mu.dtype == vb.dtype == torch.float32
+    # the same computation on the rounded inputs in fp64 (what fp32 accumulation approximates)
+    init = init_bases(Kh, 32, torch.Generator().manual_seed(0))
+    mu_ref, vb_ref = reference_em(Kh[0].double(), Vh[0].double(), init[0].double(), 5, 0.01)
+    torch.testing.assert_close(mu[0].double(), mu_ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(vb[0].double(), vb_ref, rtol=1e-3, atol=1e-3)
+
+
+def test_value_bases_use_last_responsibilities_and_mu_is_unnormalised():
+    K, V = rand_kv(T=50, d=4, scale=5.0)
+    init = init_bases(K, 6, torch.Generator().manual_seed(0))
+    mu, vb = em_bases(K, V, 6, iters=1, init=init)
+    # one iteration: the responsibilities come from the initial bases
+    mu_n = init / (init.norm(dim=-1, keepdim=True) + 1e-4)
+    z = torch.softmax(K @ mu_n.T / 0.01, dim=-1)
+    zn = z / (z.sum(0, keepdim=True) + 1e-4)
+    torch.testing.assert_close(vb, zn.T @ V)
+    torch.testing.assert_close(mu, zn.T @ K)
+    assert mu.norm(dim=-1).max() > 1.5  # not renormalised: keys of scale 5 give long bases
+
+
+def test_em_without_values_returns_only_key_bases():
+    K, _ = rand_kv(T=20)
+    mu, vb = em_bases(K, None, 4, generator=torch.Generator().manual_seed(0))
+    assert vb is None and mu.shape == (4, 8)
+
+
+def test_em_rejects_bad_arguments():
+    K, V = rand_kv(T=20)
+    with pytest.raises(ValueError, match="em_iters"):
+        em_bases(K, V, 4, iters=0)
+    with pytest.raises(ValueError, match="num_bases"):
+        em_bases(K, V, 0)
+    with pytest.raises(ValueError, match="differ"):
+        em_bases(K, V[:10], 4)
+
+
+def test_chunked_em_extra_memory_is_order_chunk_times_bases():
+    """The responsibilities alive at once are [lead, chunk, M], never [lead, T, M]."""
+    K, V = rand_kv(2, T=3000, d=4)
+    seen = []
+    real_softmax = torch.softmax
+
+    def spy(x, dim):
+        seen.append(x.shape)
+        return real_softmax(x, dim=dim)
+
+    torch.softmax = spy
+    try:
+        em_bases(K, V, 16, generator=torch.Generator().manual_seed(0), chunk_size=256)
+    finally:
+        torch.softmax = real_softmax
+    assert seen and max(math.prod(s) for s in seen) <= 2 * 256 * 16
