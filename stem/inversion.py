@@ -52,6 +52,10 @@ class Inversion:
                 f"{self.sigmas.numel()} sigmas; expected one more latent than timesteps"
             )
 
+    def __repr__(self) -> str:  # short: ComfyUI puts input values into its error messages
+        return (f"Inversion(frames={self.num_frames}, latent={self.latent_shape}, steps={self.steps}, "
+                f"attention={self.settings.get('attention', '?')})")
+
     @property
     def steps(self) -> int:
         return len(self.timesteps)
