@@ -1,11 +1,12 @@
 """TokenFlow Edit: keyframes edited jointly with PnP injection, then propagated (REFERENCE §5).
 
-Design note: the source branch has its own latent (the inversion's), so one step is four
-ComfyUI model calls instead of the reference's single three-branch call: keyframe source,
-keyframe edit (uncond + cond), then per batch: propagation source, propagation edit. The
-source calls record what the edit calls read. All of it goes through ComfyUI's own
-``calc_cond_batch`` on a patched clone, so FreeU, LoRA and ControlNet on the conds keep
-working, and any ``cond_or_uncond`` layout (batched, separate, reordered) is handled.
+Design note: like the reference, each pass (keyframes, then each propagation batch) is one
+three-branch UNet call. The branches go through ComfyUI's own ``calc_cond_batch`` as three
+conds (target, negative, source), so FreeU, LoRA and ControlNet keep working; the source
+branch has its own latent (the inversion's), which an APPLY_MODEL wrapper swaps into the
+source rows. Where ComfyUI cannot batch the conds together (memory, a ControlNet on only
+some conds) and runs an edit branch before the source, the pass is redone as two calls,
+source first, for the rest of the run: slower, still exact.
 """
 from __future__ import annotations
 
@@ -36,8 +37,16 @@ log = logging.getLogger("ComfyUI-STEM")
 # of output_blocks[4][0] (diffusers up_blocks[1].resnets[1]) gets the source's features.
 PNP_ATTN_OUTPUT_BLOCKS = range(4, 12)
 PNP_FEATURE_MODULE = "diffusion_model.output_blocks.4.0.out_layers"
+WRAPPER_KEY = "comfyui-stem.tokenflow"
 
-SOURCE = "source"
+# positions of the conds in each calc_cond_batch call; the source goes last so that ComfyUI,
+# when it must split the batch, runs it first
+POSITIVE, NEGATIVE, SOURCE = 0, 1, 2
+SOURCE_COND = "stem_source"  # the guider's name for the source prompt's conds
+
+
+class SourceMissing(RuntimeError):
+    """An edit branch ran before the source branch of the same pass."""
 
 
 class EditState:
@@ -50,18 +59,20 @@ class EditState:
         self.pnp_f_steps = pnp_f_steps
         self.use_true_positions = use_true_positions
         self.step = 0
-        self.mode = "off"  # kf_src, kf_edit, prop_src, prop_edit
+        self.mode = "off"  # "kf" (keyframe pass) or "prop" (propagation pass)
         self.batch = 0
-        self.batch_frames = 0
+        self.layout: list = []  # cond_or_uncond of the UNet call in progress
+        self.source_input: torch.Tensor | None = None  # the source latent of the current frames
+        self.split_calls = False
         self.keyframes: torch.Tensor | None = None
+        self.calls: dict = {}  # (step, mode, hook, block key) -> count, for tests and debugging
         self.reset()
-        self.calls: dict = {}  # (mode, hook, block key) -> count, for tests and debugging
 
     def reset(self) -> None:
-        self.kf_norm: dict = {}  # block key -> source norm1(x) of keyframes [K, N, C]
+        self.kf_norm: dict = {}  # block key -> source norm1(x) of the keyframes [K, N, C]
         self.kf_qk: dict = {}  # block key -> (q, k) of the source keyframes
-        self.kf_out: dict = {}  # block key -> {SOURCE | cond index: [K, N, C]}
-        self.nn: dict = {}  # block key -> (idx_b, idx_prev, weights)
+        self.kf_out: dict = {}  # block key -> {cond index: self-attention output [K, N, C]}
+        self.nn: dict = {}  # block key -> (idx_b, idx_prev, weights) of the current batch
         self.features: torch.Tensor | None = None  # source residual branch of output_blocks[4][0]
 
     def __deepcopy__(self, memo):
@@ -85,72 +96,83 @@ def _key(extra_options) -> tuple:
     return (block[0], int(block[1]), int(extra_options.get("block_index", 0)))
 
 
-def _chunks(x: torch.Tensor, extra_options) -> list[tuple[object, torch.Tensor]]:
-    cu = extra_options.get("cond_or_uncond") or [0]
-    return list(zip(cu, x.chunk(len(cu))))
+def _chunks(x: torch.Tensor, layout: list) -> list[tuple[int, torch.Tensor]]:
+    return list(zip(layout, x.chunk(len(layout))))
+
+
+def _need(record: dict, key, what: str):
+    if key not in record:
+        raise SourceMissing(what)
+    return record[key]
 
 
 def make_patches(state: EditState):
-    """attn1 patch (norm1 input), attn1 replacement (q, k, v) and attn1 output patch."""
+    """attn1 patch (norm1 input), attn1 replacement (q, k, v) and attn1 output patch. Each
+    works chunk by chunk, the chunk's branch read from ``cond_or_uncond``."""
     from comfy.ldm.modules.attention import optimized_attention
 
     def norm_patch(n, context, value, extra_options):
         refuse_split_frames(extra_options)
         key = _key(extra_options)
         state.count("norm", key)
-        if state.mode == "kf_src":
-            state.kf_norm[key] = n
-        elif state.mode == "prop_src":
-            # REFERENCE §5.4: nearest neighbours by cosine of the SOURCE norm1(x), one field per keyframe
-            b = state.batch
-            idx_b = nearest_neighbour_field(n, state.kf_norm[key][b])
-            if b > 0:
-                idx_prev = nearest_neighbour_field(n, state.kf_norm[key][b - 1])
-                frames = b * state.batch_size + torch.arange(n.shape[0], device=n.device)
-                w = propagation_weights(frames, b, state.batch_size, state.keyframes, state.use_true_positions)
-                state.nn[key] = (idx_b, idx_prev, w)
-            else:
-                state.nn[key] = (idx_b, None, None)
+        for c, part in _chunks(n, extra_options.get("cond_or_uncond") or [POSITIVE]):
+            if c != SOURCE:
+                continue
+            if state.mode == "kf":
+                state.kf_norm[key] = part
+            elif state.mode == "prop":
+                # REFERENCE §5.4: nearest neighbours by cosine of the SOURCE norm1(x), one field per keyframe
+                b = state.batch
+                idx_b = nearest_neighbour_field(part, state.kf_norm[key][b])
+                if b > 0:
+                    idx_prev = nearest_neighbour_field(part, state.kf_norm[key][b - 1])
+                    frames = b * state.batch_size + torch.arange(part.shape[0], device=part.device)
+                    w = propagation_weights(frames, b, state.batch_size, state.keyframes, state.use_true_positions)
+                    state.nn[key] = (idx_b, idx_prev, w)
+                else:
+                    state.nn[key] = (idx_b, None, None)
         return n, context, value
 
     def attn_replace(q, k, v, extra_options):
         key = _key(extra_options)
         state.count("attn", key)
         heads = extra_options["n_heads"]
+        if state.mode == "prop":
+            return torch.zeros_like(q)  # no self-attention: the output patch supplies it
+        if state.mode != "kf":
+            return optimized_attention(q, k, v, heads)
+        layout = extra_options.get("cond_or_uncond") or [POSITIVE]
         pnp_block = key[0] == "output" and key[1] in PNP_ATTN_OUTPUT_BLOCKS and state.attn_injection
-        if state.mode == "kf_src":
+        qs, ks, vs = (dict(_chunks(x, layout)) for x in (q, k, v))
+        if SOURCE in qs and pnp_block:
+            state.kf_qk[key] = (qs[SOURCE], ks[SOURCE])
+        out = []
+        for c in layout:
+            if c == SOURCE:  # the source keeps per-frame attention
+                out.append(optimized_attention(qs[c], ks[c], vs[c], heads))
+                continue
+            qc, kc = qs[c], ks[c]
             if pnp_block:
-                state.kf_qk[key] = (q, k)
-            return optimized_attention(q, k, v, heads)  # the source keeps per-frame attention
-        if state.mode == "kf_edit":
-            inject = [True] * len(extra_options.get("cond_or_uncond") or [0])
-            if pnp_block:
-                sq, sk = state.kf_qk[key]
-                q, k = pnp_substitute(q, sq, inject), pnp_substitute(k, sk, inject)
-            # extended attention: every keyframe of a chunk attends to all keyframes of that chunk
-            return full_attention(q, k, v, heads, num_chunks=len(inject))
-        # propagation pass: no self-attention; the output patch supplies it
-        return torch.zeros_like(q)
+                state.count("pnp_qk", key)
+                sq, sk = _need(state.kf_qk, key, "source q/k")
+                qc, kc = pnp_substitute(qc, sq, [True]), pnp_substitute(kc, sk, [True])
+            # extended attention: every keyframe attends to all keyframes of its branch
+            out.append(full_attention(qc, kc, vs[c], heads))
+        return torch.cat(out)
 
     def output_patch(n, extra_options):
         key = _key(extra_options)
         state.count("out", key)
-        if state.mode == "kf_src":
-            state.kf_out.setdefault(key, {})[SOURCE] = n
+        layout = extra_options.get("cond_or_uncond") or [POSITIVE]
+        if state.mode == "kf":
+            for c, part in _chunks(n, layout):
+                state.kf_out.setdefault(key, {})[c] = part
             return n
-        if state.mode == "kf_edit":
-            for c, part in _chunks(n, extra_options):
-                state.kf_out[key][c] = part
-            return n
-        idx_b, idx_prev, w = state.nn[key]
+        idx_b, idx_prev, w = _need(state.nn, key, "source nearest neighbours")
         b = state.batch
-        if state.mode == "prop_src":
-            sources = [SOURCE]
-        else:
-            sources = [c for c, _ in _chunks(n, extra_options)]
         outs = []
-        for c in sources:
-            kf = state.kf_out[key][c]  # [K, N, C]
+        for c in layout:
+            kf = state.kf_out[key][c]  # [K, N, C]; the same fields serve every branch (REFERENCE §5.4)
             prev = kf[b - 1 : b] if b > 0 else None
             outs.append(propagate(kf[b : b + 1], idx_b, prev, idx_prev, w)[0])
         return torch.cat(outs).to(n.dtype)
@@ -172,16 +194,39 @@ class FeatureInjection(torch.nn.Sequential):
     def forward(self, h):
         h = super().forward(h)
         st = self.state
+        if st.mode not in ("kf", "prop"):
+            return h
         st.count("features", PNP_FEATURE_MODULE)
-        if st.mode in ("kf_src", "prop_src"):
-            st.features = h
-        elif st.mode in ("kf_edit", "prop_edit") and st.feature_injection and st.features is not None:
-            reps = h.shape[0] // st.features.shape[0]
-            h = st.features.repeat(reps, *([1] * (h.ndim - 1))).to(h.dtype)
-        return h
+        parts = dict(_chunks(h, st.layout))
+        if SOURCE in parts:
+            st.features = parts[SOURCE]
+        if not st.feature_injection or list(parts) == [SOURCE]:
+            return h
+        st.count("pnp_features", PNP_FEATURE_MODULE)
+        if st.features is None:
+            raise SourceMissing("source features")
+        src = st.features.to(h.dtype)
+        return torch.cat([part if c == SOURCE else src for c, part in parts.items()])
+
+
+def make_source_swap(state: EditState):
+    """APPLY_MODEL wrapper: the source rows of the batch get the inversion's latent."""
+
+    def source_swap(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        layout = list(transformer_options.get("cond_or_uncond") or [POSITIVE])
+        state.layout = layout
+        if SOURCE in layout and state.source_input is not None:
+            F = x.shape[0] // len(layout)
+            i = layout.index(SOURCE)
+            x = torch.cat([x[: i * F], state.source_input.to(x), x[(i + 1) * F :]])
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    return source_swap
 
 
 def build_edit_model(model, state: EditState):
+    import comfy.patcher_extension
+
     m = model.clone()
     norm_patch, attn_replace, output_patch = make_patches(state)
     m.set_model_attn1_patch(norm_patch)
@@ -189,6 +234,7 @@ def build_edit_model(model, state: EditState):
         m.set_model_attn1_replace(attn_replace, block, idx, tidx)
     m.set_model_attn1_output_patch(output_patch)
     m.add_object_patch(PNP_FEATURE_MODULE, FeatureInjection(m.get_model_object(PNP_FEATURE_MODULE), state))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, make_source_swap(state))
     return m
 
 
@@ -211,47 +257,55 @@ def edit_levels(inv: Inversion, steps: int) -> tuple[list[int], list[float]]:
 def tokenflow_guider(model, state: EditState, inv: Inversion, source_cond, positive, negative, cfg: float, timesteps, seed: int):
     import comfy.samplers
 
+    generator = torch.Generator().manual_seed(int(seed))
+
     class TokenFlowGuider(comfy.samplers.CFGGuider):
+        def run_pass(self, mode, x, src, ts, model_options):
+            """One pass over some frames: all three branches, in one call where ComfyUI can."""
+            state.mode = mode
+            state.source_input = src
+            state.nn, state.features = {}, None  # never let a branch read the previous pass's
+            conds = [self.conds.get("positive"), self.conds.get("negative") if cfg != 1.0 else None, self.conds[SOURCE_COND]]
+            calc = comfy.samplers.calc_cond_batch
+            if not state.split_calls:
+                try:
+                    return calc(self.inner_model, conds, x, ts, model_options)
+                except SourceMissing:
+                    log.info("TokenFlow Edit: ComfyUI ran the branches separately; calling the source branch first")
+                    state.split_calls = True
+            calc(self.inner_model, [None, None, conds[SOURCE]], x, ts, model_options)
+            state.count("split_pass", mode)
+            return calc(self.inner_model, conds[:2] + [None], x, ts, model_options)
+
         def predict_noise(self, x, timestep, model_options={}, seed=None):
-            F = x.shape[0]
-            bs = state.batch_size
-            t = timesteps[state.step]
-            src = self.inner_model.process_latent_in(inv.latent_at(t).to(x.device, x.dtype))
+            F, bs = x.shape[0], state.batch_size
+            src = self.inner_model.process_latent_in(inv.latent_at(timesteps[state.step]).to(x.device, x.dtype))
             state.reset()
             state.keyframes = sample_keyframes(F, bs, generator)
             kf = state.keyframes.tolist()
-            conds_edit = [self.conds.get("positive"), self.conds.get("negative") if cfg != 1.0 else None]
-            calc = comfy.samplers.calc_cond_batch
-
-            state.mode = "kf_src"
-            calc(self.inner_model, [self.conds[SOURCE]], src[kf], timestep[: len(kf)], model_options)
-            state.mode = "kf_edit"
-            calc(self.inner_model, conds_edit, x[kf], timestep[: len(kf)], model_options)
-
+            self.run_pass("kf", x[kf], src[kf], timestep[: len(kf)], model_options)  # output discarded (§5.3)
             denoised = torch.empty_like(x)
             for b, frames in enumerate(batch_ranges(F, bs)):
                 interrupted()
                 sl = slice(frames.start, frames.stop)
                 state.batch = b
-                state.mode = "prop_src"
-                calc(self.inner_model, [self.conds[SOURCE]], src[sl], timestep[sl], model_options)
-                state.mode = "prop_edit"
-                cond, uncond = calc(self.inner_model, conds_edit, x[sl], timestep[sl], model_options)
-                if conds_edit[1] is None:
+                cond, uncond, _ = self.run_pass("prop", x[sl], src[sl], timestep[sl], model_options)
+                if cfg == 1.0:
                     denoised[sl] = cond
                 else:
                     denoised[sl] = comfy.samplers.cfg_function(
                         self.inner_model, cond, uncond, cfg, x[sl], timestep[sl], model_options=model_options,
-                        cond=conds_edit[0], uncond=conds_edit[1])
+                        cond=self.conds.get("positive"), uncond=self.conds.get("negative"))
             state.mode = "off"
+            state.source_input = None
             state.reset()
             return denoised
 
-    generator = torch.Generator().manual_seed(int(seed))
     g = TokenFlowGuider(model)
-    g.inner_set_conds({"positive": positive, "negative": negative, SOURCE: source_cond})
+    g.inner_set_conds({"positive": positive, "negative": negative, SOURCE_COND: source_cond})
     g.set_cfg(cfg)
     return g
+
 
 
 def tokenflow_edit(model, inv: Inversion, positive, negative, cfg=7.5, pnp_attn_t=0.5, pnp_f_t=0.8,

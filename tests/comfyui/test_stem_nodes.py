@@ -1,0 +1,328 @@
+"""STEM Attention Patch, STEM Invert / Reconstruct and TokenFlow Edit inside a real ComfyUI.
+
+A random-weight SD1.5 checkpoint and a generated 8-frame 64x64 clip; few steps, since one
+UNet pass over 8 frames costs about a second on 2 cores.
+"""
+import types
+
+import pytest
+import torch
+
+import comfy_harness as harness
+
+STEPS = 4  # pnp_attn_t 0.5 -> q/k injection in steps 0, 1; pnp_f_t 0.8 -> features in steps 0, 1, 2
+
+
+@pytest.fixture(scope="module")
+def sd(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
+    """Model, CLIP, VAE, the clip's latent and three prompts, produced by ComfyUI's own nodes."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15_checkpoint}},
+        "2": {"class_type": "LoadVideoFrames", "inputs": {"video": clip_8x64, "frame_load_cap": 0, "skip_first_frames": 0,
+                                                          "select_every_nth": 1, "size": 64, "crop": False}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a man is playing tennis", "clip": ["1", 1]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "spider-man is playing tennis", "clip": ["1", 1]}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "ugly, blurry, low res, unrealistic, unaesthetic", "clip": ["1", 1]}},
+    }
+    r = _prompt_runner.run(prompt)
+    model, clip, vae = r.get_node_output("1")
+    mod = lambda name: harness.pack_submodule(stem_pack, name)  # noqa: E731
+    return types.SimpleNamespace(
+        model=model, clip=clip, vae=vae, latent=r.get_node_output("3")[0], source=r.get_node_output("4")[0],
+        positive=r.get_node_output("5")[0], negative=r.get_node_output("6")[0],
+        common=mod("nodes.common"), patch=mod("nodes.attention_patch"), inv=mod("nodes.inversion_nodes"),
+        tf=mod("nodes.tokenflow_edit"), attention=mod("stem.attention"),
+    )
+
+
+def stem_settings(**kw):
+    s = {"attention": "stem", "num_bases": 16, "em_iters": 5, "tau": 0.01, "seed": 1,
+         "grouping": "whole clip", "frames_per_group": 8}
+    s.update(kw)
+    return s
+
+
+@pytest.fixture(scope="module")
+def inversions(sd):
+    """A vanilla and a STEM inversion of the clip, each with its reconstruction."""
+    out = {}
+    for name, model in (("vanilla", sd.model), ("stem", sd.patch.apply_stem_patch(sd.model, stem_settings(num_bases=256)))):
+        inv = sd.inv.invert(model, sd.latent["samples"], sd.source, STEPS)
+        rec = sd.inv.reconstruct(model, inv)
+        out[name] = (model, inv, rec)
+    return out
+
+
+def test_attn1_sites_and_pnp_mapping_match_the_host_module_tree(sd):
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    sites = sd.common.attn1_sites(sd.model)
+    assert len(sites) == 16  # SD1.5: 6 encoder, 1 middle, 9 decoder transformer blocks
+    decoder = sorted(i for b, i, _ in sites if b == "output")
+    assert decoder == list(range(3, 12))
+    # REFERENCE §5.2: all decoder self-attentions but the first of the lowest-resolution stage
+    assert list(sd.tf.PNP_ATTN_OUTPUT_BLOCKS) == decoder[1:]
+    unet = sd.model.get_model_object("diffusion_model")
+    res = unet.output_blocks[4][0]
+    assert isinstance(res, ResBlock)
+    # diffusers up_blocks[1].resnets[1]: 1280 channels, second resnet of the first attention stage
+    assert res.out_layers[-1].out_channels == 1280
+    assert sd.model.get_model_object(sd.tf.PNP_FEATURE_MODULE) is res.out_layers
+
+
+def test_stem_patch_output_equals_stem_attention_on_captured_qkv(sd, monkeypatch):
+    """What ComfyUI computes at a layer equals stem.attention on that layer's q, k, v, with the
+    layer's heads, one group per cond chunk, and the per-layer seed."""
+    captured = []
+    real = sd.patch.stem_attention
+
+    def spy(q, k, v, heads, **kw):
+        out = real(q, k, v, heads, **kw)
+        captured.append((q.clone(), k.clone(), v.clone(), heads, kw, out.clone()))
+        return out
+
+    monkeypatch.setattr(sd.patch, "stem_attention", spy)
+    model = sd.patch.apply_stem_patch(sd.model, stem_settings(seed=7))
+    outs = []
+    model.set_model_attn1_output_patch(lambda n, eo: outs.append(n.clone()) or n)
+    x = sd.latent["samples"]
+    harness_model_call(model, sd.source, sd.negative, x, cfg=2.0)
+    assert len(captured) == 16 and len(outs) == 16
+    unet = sd.model.get_model_object("diffusion_model")
+    attn1 = unet.input_blocks[1][1].transformer_blocks[0].attn1
+    q, k, v, heads, kw, _ = captured[0]
+    assert heads == attn1.heads == 8 and kw["num_chunks"] == 2 and q.shape[0] == 16
+    gen = torch.Generator().manual_seed(kw["generator"].initial_seed())
+    with torch.inference_mode():
+        expected = attn1.to_out(sd.attention.stem_attention(q, k, v, 8, num_chunks=2, num_bases=16, generator=gen))
+    torch.testing.assert_close(outs[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def harness_model_call(model, positive, negative, x, cfg):
+    """One guided model call through ComfyUI's CFGGuider on latent x (LATENT scale)."""
+    import comfy.samplers
+
+    got = {}
+
+    def fn(m, noise, sigmas, extra_args=None, callback=None, disable=None):
+        got["denoised"] = m(noise, sigmas[0] * noise.new_ones(noise.shape[0]), **extra_args)
+        return noise
+
+    g = comfy.samplers.CFGGuider(model)
+    g.set_conds(positive, negative)
+    g.set_cfg(cfg)
+    with torch.no_grad():
+        g.sample(torch.zeros_like(x), x, comfy.samplers.KSAMPLER(fn), torch.tensor([2.0, 1.0]), seed=0)
+    return got["denoised"]
+
+
+@pytest.mark.parametrize("layout", [[0], [1], [1, 0], [0, 1], [0, 1, 2]])
+def test_stem_patch_handles_every_cond_or_uncond_layout(sd, layout):
+    patch = sd.patch.make_stem_attn1(stem_settings(num_bases=4))
+    F, N, heads, d = 4, 6, 2, 4
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(len(layout) * F, N, heads * d, generator=g) for _ in range(3))
+    eo = {"cond_or_uncond": layout, "n_heads": heads, "block": ("input", 1), "block_index": 0,
+          "sigmas": torch.tensor([3.0])}
+    out = patch(q, k, v, eo)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    assert torch.equal(out, patch(q, k, v, eo))  # seeded
+    # chunks are independent clips: changing the last chunk's keys leaves the others alone
+    k2 = k.clone()
+    k2[-F:] += 5
+    out2 = patch(q, k2, v, eo)
+    torch.testing.assert_close(out2[:-F], out[:-F])
+    # within a chunk, frames are coupled through the shared bases: frame 0's keys move frame F-1
+    k3 = k.clone()
+    k3[0] += 5
+    assert not torch.allclose(patch(q, k3, v, eo)[F - 1], out[F - 1])
+
+
+def test_split_frames_are_refused_clearly(sd):
+    patch = sd.patch.make_stem_attn1(stem_settings(num_bases=4))
+    q = torch.randn(4, 6, 8)
+    eo = {"cond_or_uncond": [0], "n_heads": 2, "block": ("input", 1), "block_index": 0, "context_window": object()}
+    with pytest.raises(ValueError, match="split the frames"):
+        patch(q, q, q, eo)
+
+
+def ksample(sd, model, cfg=7.5, seed=3, steps=2):
+    """Core KSampler on 4 empty 64x64 latents, called directly (one model in memory)."""
+    import nodes
+
+    latent = {"samples": torch.zeros(4, 4, 8, 8)}
+    return nodes.KSampler().sample(model, seed, steps, cfg, "ddim", "ddim_uniform", sd.positive, sd.negative, latent)[0]["samples"]
+
+
+@pytest.mark.parametrize("cfg", [7.5, 1.0])
+def test_stem_patch_under_a_plain_ksampler_is_deterministic(sd, cfg):
+    node = sd.patch.STEMAttentionPatch()
+    patched = node.patch(sd.model, 16, 5, 0.01, 1, "whole clip", 8)[0]
+    a = ksample(sd, patched, cfg)
+    b = ksample(sd, node.patch(sd.model, 16, 5, 0.01, 1, "whole clip", 8)[0], cfg)
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+    assert not torch.allclose(a, ksample(sd, sd.model, cfg))  # the patch changed the attention
+
+
+def test_nodes_leave_the_upstream_model_untouched(sd, inversions):
+    """A KSampler on the original MODEL gives bit-identical output before and after our nodes
+    ran on it."""
+    before = ksample(sd, sd.model)
+    sd.tf.tokenflow_edit(sd.model, inversions["stem"][1], sd.positive, sd.negative, batch_size=4, steps=2)
+    sd.inv.reconstruct(inversions["stem"][0], inversions["stem"][1])
+    after = ksample(sd, sd.model)
+    assert torch.equal(before, after)
+    assert not sd.model.model_options.get("transformer_options", {}).get("patches_replace")
+    assert not sd.model.object_patches
+
+
+def test_inversion_shapes_levels_and_reconstruction_error(sd, inversions, capsys):
+    x0 = sd.latent["samples"]
+    errs = {}
+    for name, (_, inv, rec) in inversions.items():
+        assert inv.latents.shape == (STEPS + 1, 8, 4, 8, 8) and torch.isfinite(inv.latents).all()
+        assert inv.timesteps == [1, 251, 501, 751]
+        assert torch.equal(inv.clean, x0.float())
+        # the noisiest latent is far from the clean one, and reconstruction comes back close
+        assert (inv.noisiest - x0).abs().mean() > 1.0
+        errs[name] = (rec - x0).abs().mean().item()
+        assert rec.shape == x0.shape and torch.isfinite(rec).all()
+        # 4 steps of a random-weight UNet invert roughly; a broken step (sign, level, scaling) lands
+        # as far away as the noise itself
+        assert errs[name] < 0.4 * (inv.noisiest - x0).abs().mean().item()
+    assert inversions["stem"][1].settings["attention"] == "stem"
+    assert inversions["vanilla"][1].settings["attention"] == "per-frame"
+    with capsys.disabled():
+        print(f"\n  inversion->reconstruction mean |error| over latents ({STEPS} steps): "
+              + ", ".join(f"{k} {v:.4g}" for k, v in errs.items()))
+
+
+def test_inversion_is_deterministic(sd, inversions):
+    model, inv, _ = inversions["stem"]
+    again = sd.inv.invert(model, sd.latent["samples"], sd.source, STEPS)
+    assert torch.equal(again.latents, inv.latents)
+
+
+def call_counts(state, hook):
+    out = {}
+    for (step, mode, h, key), n in state.calls.items():
+        if h == hook:
+            out.setdefault((step, mode), {})[key] = n
+    return out
+
+
+def test_tokenflow_pnp_and_propagation_fire_at_reference_blocks_and_steps(sd, inversions):
+    inv = inversions["stem"][1]
+    out, state = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, cfg=7.5, batch_size=4, seed=1)
+    assert out.shape == sd.latent["samples"].shape and torch.isfinite(out).all()
+    assert not state.split_calls  # three branches in one UNet call per pass, as in the reference
+    pnp_blocks = {("output", i, 0) for i in range(4, 12)}
+    qk = call_counts(state, "pnp_qk")
+    # q/k injection: first int(4 * 0.5) = 2 steps, keyframe pass only, exactly the decoder blocks
+    # 4..11, once per edit branch (uncond, cond)
+    assert set(qk) == {(0, "kf"), (1, "kf")}
+    for counts in qk.values():
+        assert counts == {b: 2 for b in pnp_blocks}
+    feats = call_counts(state, "pnp_features")
+    # feature injection: first int(4 * 0.8) = 3 steps, in both passes; 2 propagation batches a step
+    assert set(feats) == {(s, m) for s in range(3) for m in ("kf", "prop")}
+    assert all(c[sd.tf.PNP_FEATURE_MODULE] == (2 if m == "prop" else 1) for (s, m), c in feats.items())
+    # every self-attention runs once per pass: the keyframe pass, and each of the 2 batches
+    for hook in ("attn", "out", "norm"):
+        counts = call_counts(state, hook)
+        for step in range(STEPS):
+            assert len(counts[(step, "kf")]) == 16 and set(counts[(step, "kf")].values()) == {1}
+            assert len(counts[(step, "prop")]) == 16 and set(counts[(step, "prop")].values()) == {2}
+
+
+def test_tokenflow_split_branches_give_the_same_edit(sd, inversions):
+    """When ComfyUI cannot batch the three branches, the edit redoes the pass source-first and
+    the result is the same as the single-call edit."""
+    inv = inversions["stem"][1]
+    a, st_a = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, seed=2, steps=2)
+    real = sd.tf.EditState.__init__
+
+    def forced_split(self, *args, **kw):
+        real(self, *args, **kw)
+        self.split_calls = True
+
+    sd.tf.EditState.__init__ = forced_split
+    try:
+        b, st_b = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, seed=2, steps=2)
+    finally:
+        sd.tf.EditState.__init__ = real
+    assert not st_a.split_calls and st_b.split_calls
+    assert call_counts(st_b, "split_pass")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_tokenflow_edit_is_seeded(sd, inversions):
+    inv = inversions["stem"][1]
+    a, _ = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=4, seed=5)
+    b, _ = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=4, seed=5)
+    assert torch.equal(a, b)
+
+
+def test_edit_refuses_bad_inputs_clearly(sd, inversions):
+    inv = inversions["stem"][1]
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=16)
+    with pytest.raises(ValueError, match="timesteps"):
+        sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=4, steps=3)
+    node = sd.tf.TokenFlowEdit()
+    other = {"samples": sd.latent["samples"] + 1}
+    with pytest.raises(ValueError, match="another clip"):
+        node.edit(sd.model, inv, sd.positive, sd.negative, 7.5, 0.5, 0.8, 4, 1, source_latent=other)
+    small = {"samples": sd.latent["samples"][:, :, :4, :4]}
+    with pytest.raises(ValueError, match="shape"):
+        sd.inv.STEMReconstruct().reconstruct(sd.model, inv, source_latent=small)
+
+
+def test_unsupported_model_family_is_refused(sd):
+    import comfy.supported_models as sm
+
+    fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=sm.SDXL(dict(sm.SDXL.unet_config)),
+                                                             model_type=sd.model.model.model_type))
+    with pytest.raises(ValueError, match=r"SDXL models are not supported.*SD1\.x and SD2\.x"):
+        sd.common.check_model(fake)
+
+
+def edit_graph(ckpt, clip, steps=2):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "LoadVideoFrames", "inputs": {"video": clip, "frame_load_cap": 8, "skip_first_frames": 0,
+                                                          "select_every_nth": 1, "size": 64, "crop": False}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a man is playing tennis", "clip": ["1", 1]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "spider-man is playing tennis", "clip": ["1", 1]}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "ugly, blurry", "clip": ["1", 1]}},
+        "7": {"class_type": "STEMAttentionPatch", "inputs": {"model": ["1", 0], "num_bases": 256, "em_iters": 5, "tau": 0.01,
+                                                            "seed": 1, "grouping": "whole clip", "frames_per_group": 8}},
+        "8": {"class_type": "STEMInvert", "inputs": {"model": ["7", 0], "latent": ["3", 0], "conditioning": ["4", 0], "steps": steps}},
+        "9": {"class_type": "FreeU", "inputs": {"model": ["1", 0], "b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}},
+        "10": {"class_type": "TokenFlowEdit", "inputs": {"model": ["9", 0], "inversion": ["8", 0], "positive": ["5", 0],
+                                                         "negative": ["6", 0], "cfg": 7.5, "pnp_attn_t": 0.5, "pnp_f_t": 0.8,
+                                                         "batch_size": 4, "seed": 1}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "stem_test/edit"}},
+    }
+
+
+def test_full_edit_graph_runs_in_the_executor_with_progress_and_previews(sd, run_prompt, sd15_checkpoint, clip_8x64, progress_events):
+    r = run_prompt(edit_graph(sd15_checkpoint, clip_8x64))
+    files = r.output_files("12")
+    assert len(files) == 8 and all(f.exists() for f in files)
+    for node in ("8", "10"):
+        ev = progress_events.for_node(node)
+        assert [e.value for e in ev] == [1, 2] and all(e.total == 2 for e in ev)
+        assert all(e.preview is not None for e in ev)
+
+
+def test_cancel_stops_an_inversion_promptly(sd, run_prompt, sd15_checkpoint, clip_8x64, progress_events):
+    g = edit_graph(sd15_checkpoint, clip_8x64, steps=20)
+    g = {k: v for k, v in g.items() if k in {"1", "2", "3", "4", "7", "8"}}
+    progress_events.cancel_after(2)
+    err = run_prompt(g, expect_error=True)
+    assert err.kind == "interrupted"
+    assert len(progress_events.for_node("8")) <= 3  # stopped within a step of the press, not after 20
