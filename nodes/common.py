@@ -23,8 +23,9 @@ class StemError(ValueError):
 
 
 def check_model(model, input_name: str = "model") -> str:
-    """The model's prediction type ('eps' or 'v'); refuse other families clearly."""
-    import comfy.model_base
+    """The model's prediction type ('eps' or 'v'), read from its (possibly patched) noise
+    sampling; refuse other families and parameterisations clearly."""
+    import comfy.model_sampling as ms
     import comfy.supported_models as sm
 
     base = model.model
@@ -36,12 +37,16 @@ def check_model(model, input_name: str = "model") -> str:
             f"{input_name}: {family} models are not supported; STEM and TokenFlow here work with "
             f"{SUPPORTED_FAMILIES}. Load an SD1.5 or SD2.1 checkpoint."
         )
-    mt = base.model_type
-    if mt == comfy.model_base.ModelType.EPS:
-        return "eps"
-    if mt == comfy.model_base.ModelType.V_PREDICTION:
+    sampling = model.get_model_object("model_sampling")
+    kind = type(sampling).__mro__
+    if ms.EDM in kind or ms.X0 in kind or not isinstance(sampling, ms.ModelSamplingDiscrete):
+        pass  # refused below
+    elif ms.V_PREDICTION in kind:
         return "v"
-    raise StemError(f"{input_name}: model type {mt.name} is not supported; use an eps or v-prediction SD1.x/SD2.x model")
+    elif ms.EPS in kind:
+        return "eps"
+    raise StemError(f"{input_name}: {type(sampling).__name__} sampling is not supported; use an eps or "
+                    "v-prediction SD1.x/SD2.x model (remove ModelSampling nodes that set lcm, x0 or edm)")
 
 
 def refuse_split_frames(extra_options: dict) -> None:

@@ -32,7 +32,7 @@ def sd(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
         model=model, clip=clip, vae=vae, latent=r.get_node_output("3")[0], source=r.get_node_output("4")[0],
         positive=r.get_node_output("5")[0], negative=r.get_node_output("6")[0],
         common=mod("nodes.common"), patch=mod("nodes.attention_patch"), inv=mod("nodes.inversion_nodes"),
-        tf=mod("nodes.tokenflow_edit"), attention=mod("stem.attention"),
+        tf=mod("nodes.tokenflow_edit"), attention=mod("stem.attention"), ddim=mod("stem.ddim"),
     )
 
 
@@ -326,3 +326,29 @@ def test_cancel_stops_an_inversion_promptly(sd, run_prompt, sd15_checkpoint, cli
     err = run_prompt(g, expect_error=True)
     assert err.kind == "interrupted"
     assert len(progress_events.for_node("8")) <= 3  # stopped within a step of the press, not after 20
+
+
+def test_v_prediction_models_invert_and_reconstruct(sd):
+    """An SD2.x-style v-prediction model (here the core ModelSamplingDiscrete node on the
+    random SD1.5): eps is derived from the model's own parameterisation."""
+    import comfy_extras.nodes_model_advanced as adv
+
+    vmodel = adv.ModelSamplingDiscrete().patch(sd.model, "v_prediction", False)[0]
+    assert sd.common.check_model(vmodel) == "v" and sd.common.check_model(sd.model) == "eps"
+    inv = sd.inv.invert(vmodel, sd.latent["samples"], sd.source, 2)
+    assert inv.settings["prediction"] == "v"
+    assert torch.isfinite(sd.inv.reconstruct(vmodel, inv)).all()
+    # the first inversion step by hand, from the UNet's raw v output (REFERENCE §3, stem.ddim)
+    ddim = sd.ddim
+    base = vmodel.model
+    x_vp = base.process_latent_in(sd.latent["samples"].float())
+    s0, s1 = inv.sigmas[0].item(), inv.sigmas[1].item()
+    abar1 = 1.0 / (1.0 + s1**2)
+    with torch.inference_mode():
+        raw = base.diffusion_model(x_vp, torch.full((8,), 1.0), context=sd.source[0][0].repeat(8, 1, 1)).float()
+    eps = ddim.eps_from_model_output(raw, x_vp, abar1, "v")
+    x1 = ddim.ddim_step(ddim.from_vp(x_vp, s0), eps, s0, s1)
+    torch.testing.assert_close(inv.latents[1], base.process_latent_out(x1), rtol=1e-3, atol=1e-3)
+    x0_model = adv.ModelSamplingDiscrete().patch(sd.model, "x0", False)[0]
+    with pytest.raises(ValueError, match="sampling is not supported"):
+        sd.common.check_model(x0_model)
