@@ -1,0 +1,94 @@
+"""Node-path timings in a real ComfyUI on the random-weight SD1.5 checkpoint.
+
+Per step, in seconds: vanilla (per-frame) DDIM inversion, STEM inversion, DDIM reconstruction,
+and a TokenFlow Edit step (FreeU at the reference values, batch_size 8, cfg 7.5), for 8 frames
+at 64x64 and 16 frames at 128x128. Also the inversion->reconstruction error per inversion.
+
+Run it in ComfyUI's interpreter, on an otherwise idle machine (another process on the cores
+can slow CPU runs several times over):
+
+    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python benchmarks/bench_nodes.py [--steps 3]
+
+It uses the test tier's harness (tests/comfyui/comfy_harness.py) to import ComfyUI in CPU mode,
+load this repo as a custom node pack and build (or reuse) the random checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "comfyui"))
+import comfy_harness as H  # noqa: E402
+
+FREEU = dict(b1=1.2, b2=1.4, s1=0.9, s2=0.2)  # REFERENCE §5.5
+
+
+def per_step(fn, steps: int) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return (time.perf_counter() - t0) / steps, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed run (the per-step time is the mean)")
+    ap.add_argument("--sizes", nargs="*", default=["8x64", "16x128"], help="FRAMESxSIZE cases")
+    args = ap.parse_args()
+
+    path, skip = H.locate_and_bootstrap()
+    if skip:
+        sys.exit(f"ComfyUI not available: {skip}")
+    import comfy_extras.nodes_freelunch as freelunch
+    import nodes
+
+    base = Path(tempfile.mkdtemp(prefix="stem-bench-"))
+    dirs = H.configure_folders(base)
+    H.init_comfy_nodes()
+    pack = H.load_pack(dirs["custom_nodes"], REPO)
+    inv_nodes = H.pack_submodule(pack, "nodes.inversion_nodes")
+    patch = H.pack_submodule(pack, "nodes.attention_patch")
+    tf = H.pack_submodule(pack, "nodes.tokenflow_edit")
+    name, _ = H.provide_sd15_checkpoint(dirs["checkpoints"])
+    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
+    enc = nodes.CLIPTextEncode()
+    source = enc.encode(clip, "a man is playing tennis")[0]
+    target = enc.encode(clip, "spider-man is playing tennis")[0]
+    negative = enc.encode(clip, "ugly, blurry, low res, unrealistic, unaesthetic")[0]
+    stem_model = patch.apply_stem_patch(model, {"attention": "stem", "num_bases": 256, "em_iters": 5, "tau": 0.01,
+                                                "seed": 1, "grouping": "whole clip", "frames_per_group": 8})
+    edit_model = freelunch.FreeU().patch(model, **FREEU)[0]
+    S = args.steps
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; ComfyUI at {path}; {S} steps a run\n")
+    print("| clip | vanilla inversion | STEM inversion | STEM / vanilla | reconstruction | TokenFlow Edit | recon error vanilla | recon error STEM |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    with torch.inference_mode():
+        for case in args.sizes:
+            F, size = (int(v) for v in case.split("x"))
+            frames = torch.from_numpy(H.synth_frames(F, size, size)).float() / 255.0
+            latent = nodes.VAEEncode().encode(vae, frames)[0]["samples"]
+            inv_nodes.invert(model, latent, source, 1)  # warm-up: model load, first-call costs
+            t_van, inv_v = per_step(lambda: inv_nodes.invert(model, latent, source, S), S)
+            t_stem, inv_s = per_step(lambda: inv_nodes.invert(stem_model, latent, source, S), S)
+            t_rec, rec_s = per_step(lambda: inv_nodes.reconstruct(stem_model, inv_s), S)
+            rec_v = inv_nodes.reconstruct(model, inv_v)
+            bs = min(8, F)
+            t_edit, _ = per_step(lambda: tf.tokenflow_edit(edit_model, inv_s, target, negative, 7.5, 0.5, 0.8, bs, 1), S)
+            err_v = (rec_v - latent).abs().mean().item()
+            err_s = (rec_s - latent).abs().mean().item()
+            print(f"| {F} frames {size}x{size} | {t_van:.2f} s | {t_stem:.2f} s | {t_stem / t_van:.2f}x | {t_rec:.2f} s | "
+                  f"{t_edit:.2f} s | {err_v:.3f} | {err_s:.3f} |", flush=True)
+    print("\nTargets: STEM inversion step <= 1.05x vanilla at 8 frames 64x64; "
+          "TokenFlow Edit step <= 2.9 s at 8 frames 64x64 (the authors' code, fp32, 2-core CPU).")
+    print("Reconstruction errors are mean |latent difference| after a few steps of a random-weight model: "
+          "a plumbing check, not a quality measure.")
+
+
+if __name__ == "__main__":
+    main()
