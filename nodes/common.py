@@ -39,11 +39,10 @@ def check_model(model, input_name: str = "model") -> str:
         )
     sampling = model.get_model_object("model_sampling")
     kind = type(sampling).__mro__
-    if ms.EDM in kind or ms.X0 in kind or not isinstance(sampling, ms.ModelSamplingDiscrete):
-        pass  # refused below
-    elif ms.V_PREDICTION in kind:
+    discrete = isinstance(sampling, ms.ModelSamplingDiscrete) and ms.EDM not in kind and ms.X0 not in kind
+    if discrete and ms.V_PREDICTION in kind:
         return "v"
-    elif ms.EPS in kind:
+    if discrete and ms.EPS in kind:
         return "eps"
     raise StemError(f"{input_name}: {type(sampling).__name__} sampling is not supported; use an eps or "
                     "v-prediction SD1.x/SD2.x model (remove ModelSampling nodes that set lcm, x0 or edm)")
