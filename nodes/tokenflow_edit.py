@@ -307,7 +307,6 @@ def tokenflow_guider(model, state: EditState, inv: Inversion, source_cond, posit
     return g
 
 
-
 def tokenflow_edit(model, inv: Inversion, positive, negative, cfg=7.5, pnp_attn_t=0.5, pnp_f_t=0.8,
                    batch_size=8, seed=1, steps=None, source_conditioning=None, use_true_keyframe_positions=False):
     check_model(model)
@@ -329,7 +328,7 @@ def tokenflow_edit(model, inv: Inversion, positive, negative, cfg=7.5, pnp_attn_
     def on_step(i):
         state.step = i
 
-    start = inv.noisiest.clone()
+    start = inv.latent_at(ts[0]).clone()  # the inversion's latent at the edit's first level
     out = g.sample(torch.zeros_like(start), start, ddim_sampler(on_step), torch.tensor(levels, dtype=torch.float32),
                    callback=progress_callback(model, steps), disable_pbar=True, seed=seed)
     return out, state

@@ -352,3 +352,21 @@ def test_v_prediction_models_invert_and_reconstruct(sd):
     x0_model = adv.ModelSamplingDiscrete().patch(sd.model, "x0", False)[0]
     with pytest.raises(ValueError, match="sampling is not supported"):
         sd.common.check_model(x0_model)
+
+
+def test_fewer_edit_steps_use_a_subset_of_the_inversion_timesteps(sd, inversions, monkeypatch):
+    inv = inversions["stem"][1]  # timesteps 1, 251, 501, 751
+    ts, levels = sd.tf.edit_levels(inv, 2)
+    assert ts == [501, 1]
+    assert levels == [inv.sigmas[3].item(), inv.sigmas[1].item(), inv.sigmas[0].item()]
+    seen = []
+    real = sd.tf.Inversion.latent_at
+
+    def spy(self, t):
+        seen.append(int(t))
+        return real(self, t)
+
+    monkeypatch.setattr(sd.tf.Inversion, "latent_at", spy)
+    out, _ = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, steps=2)
+    assert seen[0] == 501  # the edit starts from the inversion's latent at its own first level
+    assert seen[1:] == [501, 1] and torch.isfinite(out).all()
