@@ -1,0 +1,99 @@
+"""Reconstruction and temporal-consistency metrics for clips in ComfyUI's IMAGE layout.
+
+Frames are float ``[F, H, W, 3]`` in [0, 1]. PSNR and SSIM compare a clip with the source frame
+by frame; the warp error measures flicker: each frame of a clip is warped to the next one with
+the optical flow of the SOURCE (OpenCV Farneback), and the mean absolute difference to the
+clip's next frame is reported. A clip that moves exactly like the source scores 0.
+"""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SSIM_K1, SSIM_K2 = 0.01, 0.03  # Wang et al. 2004, for a data range of 1
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+
+
+def _check(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"clips must both be [F, H, W, 3] and equal in shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def psnr(clip: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Per-frame PSNR in dB ``[F]`` for values in [0, 1]; identical frames give +inf."""
+    _check(clip, source)
+    mse = ((clip.double() - source.double()) ** 2).flatten(1).mean(1)
+    return torch.where(mse > 0, 10 * torch.log10(1.0 / mse.clamp_min(1e-300)), torch.full_like(mse, math.inf))
+
+
+def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(clip: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Per-frame SSIM ``[F]`` (Gaussian window 11, sigma 1.5, mean over channels and the
+    valid window positions); identical frames give 1."""
+    _check(clip, source)
+    x = clip.double().permute(0, 3, 1, 2)
+    y = source.double().permute(0, 3, 1, 2)
+    g = _gaussian_window()
+    size = min(SSIM_WINDOW, x.shape[-1], x.shape[-2])
+    if size < SSIM_WINDOW:  # tiny frames: a smaller window, renormalised
+        g = _gaussian_window(size, SSIM_SIGMA * size / SSIM_WINDOW)
+    c = x.shape[1]
+    wx = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+    wy = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+
+    def blur(t):
+        return F.conv2d(F.conv2d(t, wx, groups=c), wy, groups=c)
+
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx**2
+    syy = blur(y * y) - my**2
+    sxy = blur(x * y) - mx * my
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
+
+
+def _gray_u8(frame: torch.Tensor) -> np.ndarray:
+    rgb = (frame.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def source_flows(source: torch.Tensor) -> list[np.ndarray]:
+    """Backward optical flow of the source for each consecutive pair: flow ``[H, W, 2]`` such
+    that frame t+1 at (x, y) comes from frame t at (x, y) + flow (Farneback)."""
+    gray = [_gray_u8(f) for f in source]
+    return [
+        cv2.calcOpticalFlowFarneback(gray[t + 1], gray[t], None, 0.5, 3, 15, 3, 5, 1.2, 0)
+        for t in range(len(gray) - 1)
+    ]
+
+
+def warp_error(clip: torch.Tensor, source: torch.Tensor, flows: list[np.ndarray] | None = None,
+               border: int = 2) -> torch.Tensor:
+    """Per-pair warp error ``[F-1]``: mean |warp(clip[t]) - clip[t+1]| over pixels and channels,
+    warping with the source's flow, ignoring ``border`` pixels at the edges (where the flow
+    points outside the frame)."""
+    _check(clip, source)
+    flows = source_flows(source) if flows is None else flows
+    H, W = clip.shape[1:3]
+    gx, gy = np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
+    out = []
+    frames = clip.float().cpu().numpy()
+    for t, flow in enumerate(flows):
+        mx, my = gx + flow[..., 0], gy + flow[..., 1]
+        warped = cv2.remap(frames[t], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        inside = (mx >= 0) & (mx <= W - 1) & (my >= 0) & (my <= H - 1)
+        if border:
+            inside[:border], inside[-border:], inside[:, :border], inside[:, -border:] = False, False, False, False
+        diff = np.abs(warped - frames[t + 1]).mean(-1)
+        out.append(float(diff[inside].mean()) if inside.any() else float("nan"))
+    return torch.tensor(out, dtype=torch.float64)
