@@ -100,6 +100,20 @@ def full_attention(
     return _apply_grouped(F.scaled_dot_product_attention, q, k, v, heads, num_chunks, frames_per_group)
 
 
+def full_attention_bytes(
+    frames_per_group: int, tokens: int, channels: int, heads: int, num_groups: int = 1,
+    element_size: int = 4, fused: bool = True,
+) -> int:
+    """Extra memory of :func:`full_attention` for one layer: the grouped copies of q, k, v and
+    the output (``4 * groups * F*N * C`` elements), plus the ``[groups, heads, F*N, F*N]``
+    attention weights when SDPA has no fused (flash / memory-efficient) kernel to use."""
+    T = frames_per_group * tokens
+    total = 4 * num_groups * T * channels
+    if not fused:
+        total += num_groups * heads * T * T
+    return total * element_size
+
+
 def stem_attention(
     q: torch.Tensor,
     k: torch.Tensor,

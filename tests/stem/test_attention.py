@@ -127,3 +127,12 @@ def test_pnp_substitute_replaces_marked_chunks_only():
     assert torch.equal(out[2:], src.repeat(2, 1, 1))
     with pytest.raises(ValueError):
         pnp_substitute(x, src[:1], [False, True, True])
+
+
+def test_full_attention_memory_estimate_counts_copies_and_optionally_the_weights():
+    from stem.attention import full_attention_bytes
+
+    assert full_attention_bytes(16, 4096, 320, 8) == 4 * 16 * 4096 * 320 * 4
+    assert full_attention_bytes(16, 4096, 320, 8, num_groups=2, element_size=2) == 2 * 4 * 16 * 4096 * 320 * 2
+    T = 2 * 10
+    assert full_attention_bytes(2, 10, 8, 2, fused=False) == (4 * T * 8 + 2 * T * T) * 4

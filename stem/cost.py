@@ -1,0 +1,78 @@
+"""Wall time and peak memory of a piece of work, for the inversion comparison (issue 5).
+
+On a CUDA device the peak is ``torch.cuda.max_memory_allocated`` over the run, minus what was
+allocated before. On the CPU it is the process's resident memory, sampled in a background
+thread every millisecond, minus the resident memory at the start.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int:
+    """The process's resident memory (Linux /proc; elsewhere psutil if present, else 0)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss
+        except ImportError:
+            return 0
+
+
+@dataclass
+class Cost:
+    seconds: float = 0.0
+    peak_bytes: int = 0
+    kind: str = "cpu-rss"  # or "cuda-allocated"
+
+    def as_dict(self) -> dict:
+        return {"seconds": round(self.seconds, 3), "peak_mib": round(self.peak_bytes / 2**20, 1), "memory": self.kind}
+
+
+class measure:
+    """``with measure(device) as cost: ...`` fills ``cost.seconds`` and ``cost.peak_bytes``."""
+
+    def __init__(self, device: torch.device | str | None = None, interval: float = 0.001):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.interval = interval
+        self.cost = Cost(kind="cuda-allocated" if self.device.type == "cuda" else "cpu-rss")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, resident_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Cost:
+        if self.cost.kind == "cuda-allocated":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._base = self._peak = resident_bytes()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        self._t0 = time.perf_counter()
+        return self.cost
+
+    def __exit__(self, *exc) -> None:
+        if self.cost.kind == "cuda-allocated":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, resident_bytes())
+        self.cost.seconds = time.perf_counter() - self._t0
+        self.cost.peak_bytes = max(0, peak - self._base)
