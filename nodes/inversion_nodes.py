@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
+from ..stem.cost import measure
 from ..stem.inversion import Inversion
 from .common import (
     CATEGORY,
@@ -54,16 +54,17 @@ def invert(model, samples: torch.Tensor, conditioning, steps: int) -> Inversion:
     def record(i, x):
         trajectory.append(base.process_latent_out(x.float()).cpu())
 
-    t0 = time.perf_counter()
     g = _guider(model, conditioning)
-    g.sample(
-        torch.zeros_like(samples), samples, inversion_sampler(record), torch.tensor(levels, dtype=torch.float32),
-        callback=progress_callback(model, steps), disable_pbar=True, seed=0,
-    )
+    with measure(model.load_device) as cost:
+        g.sample(
+            torch.zeros_like(samples), samples, inversion_sampler(record), torch.tensor(levels, dtype=torch.float32),
+            callback=progress_callback(model, steps), disable_pbar=True, seed=0,
+        )
     cond, pooled = single_cond(conditioning, "conditioning")
     settings = dict(model.model_options.get("transformer_options", {}).get("stem_attention") or {"attention": "per-frame"})
+    # wall time and peak memory of the whole inversion (model loading included when it happens here)
     settings.update({"steps": steps, "prediction": prediction, "model_fingerprint": model_fingerprint(model),
-                     "seconds": round(time.perf_counter() - t0, 3)})
+                     **cost.as_dict()})
     return Inversion(
         latents=torch.stack(trajectory),
         timesteps=list(reversed(sched.timesteps)),

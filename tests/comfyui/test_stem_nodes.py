@@ -191,6 +191,8 @@ def test_inversion_shapes_levels_and_reconstruction_error(sd, inversions, capsys
         # 4 steps of a random-weight UNet invert roughly; a broken step (sign, level, scaling) lands
         # as far away as the noise itself
         assert errs[name] < 0.4 * (inv.noisiest - x0).abs().mean().item()
+    for _, inv, _ in inversions.values():  # cost of the run, recorded with it (issue 5)
+        assert inv.settings["seconds"] > 0 and inv.settings["peak_mib"] >= 0 and inv.settings["memory"] == "cpu-rss"
     assert inversions["stem"][1].settings["attention"] == "stem"
     assert inversions["vanilla"][1].settings["attention"] == "per-frame"
     with capsys.disabled():
