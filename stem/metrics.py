@@ -97,3 +97,83 @@ def warp_error(clip: torch.Tensor, source: torch.Tensor, flows: list[np.ndarray]
         diff = np.abs(warped - frames[t + 1]).mean(-1)
         out.append(float(diff[inside].mean()) if inside.any() else float("nan"))
     return torch.tensor(out, dtype=torch.float64)
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44)]  # RGB, one per method
+
+
+def _panel(h: int, w: int, title: str, series: dict[str, list[float]], colours) -> np.ndarray:
+    """One line chart (one curve per method) on white, drawn with OpenCV."""
+    img = np.full((h, w, 3), 255, np.uint8)
+    left, right, top, bottom = 48, 10, 24, 22
+    cv2.putText(img, title, (left, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.rectangle(img, (left, top), (w - right, h - bottom), (0, 0, 0), 1)
+    vals = [v for s in series.values() for v in s if np.isfinite(v)]
+    if not vals:
+        return img
+    lo, hi = min(vals), max(vals)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    for frac, val in ((0.0, lo), (1.0, hi)):
+        y = int(h - bottom - frac * (h - top - bottom))
+        cv2.putText(img, f"{val:.3g}", (2, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    for (label, s), colour in zip(series.items(), colours):
+        n = len(s)
+        pts = []
+        for i, v in enumerate(s):
+            if not np.isfinite(v):
+                continue
+            x = left + (i / max(n - 1, 1)) * (w - left - right)
+            y = h - bottom - (v - lo) / (hi - lo) * (h - top - bottom)
+            pts.append((int(round(x)), int(round(y))))
+        for p, q in zip(pts, pts[1:]):
+            cv2.line(img, p, q, colour, 2, cv2.LINE_AA)
+        for p in pts:
+            cv2.circle(img, p, 2, colour, -1, cv2.LINE_AA)
+    return img
+
+
+def _bars(h: int, w: int, title: str, means: dict[str, float], colours) -> np.ndarray:
+    img = np.full((h, w, 3), 255, np.uint8)
+    cv2.putText(img, title, (48, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    finite = [v for v in means.values() if np.isfinite(v)]
+    top_v = max(finite) if finite else 1.0
+    n = max(len(means), 1)
+    slot = (w - 60) // n
+    for i, ((label, v), colour) in enumerate(zip(means.items(), colours)):
+        x0 = 48 + i * slot + slot // 6
+        x1 = 48 + (i + 1) * slot - slot // 6
+        frac = 1.0 if not np.isfinite(v) else (v / top_v if top_v > 0 else 0.0)
+        y = int(h - 40 - frac * (h - 80))
+        cv2.rectangle(img, (x0, y), (x1, h - 40), colour, -1)
+        cv2.putText(img, f"{v:.2f}", (x0, y - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, label[:14], (x0, h - 24), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return img
+
+
+def plot_metrics(results: dict[str, dict[str, list[float]]], width: int = 768, height: int = 512) -> np.ndarray:
+    """A 2x2 figure, uint8 RGB ``[height, width, 3]``: PSNR, SSIM and warp error per frame, one
+    curve per method, and a bar chart of the mean PSNR (infinite values drawn at 100 dB)."""
+    colours = PALETTE * (1 + len(results) // len(PALETTE))
+    h, w = height // 2, width // 2
+
+    def metric(name: str, cap: float | None = None) -> dict[str, list[float]]:
+        return {k: [min(v, cap) if cap else v for v in r[name]] for k, r in results.items()}
+
+    psnr_s = metric("psnr", 100.0)
+    top = np.concatenate([_panel(h, w, "PSNR per frame (dB)", psnr_s, colours),
+                          _panel(h, width - w, "SSIM per frame", metric("ssim"), colours)], axis=1)
+    means = {k: float(np.mean(v)) for k, v in psnr_s.items()}
+    bottom = np.concatenate([_panel(height - h, w, "warp error per frame pair", metric("warp_error"), colours),
+                             _bars(height - h, width - w, "mean PSNR (dB)", means, colours)], axis=1)
+    return np.concatenate([top, bottom], axis=0)
+
+
+def compare(source: torch.Tensor, clips: dict[str, torch.Tensor]) -> dict[str, dict[str, list[float]]]:
+    """PSNR, SSIM and warp error of each clip against the source (flow computed once)."""
+    flows = source_flows(source)
+    return {
+        label: {"psnr": psnr(c, source).tolist(), "ssim": ssim(c, source).tolist(),
+                "warp_error": warp_error(c, source, flows).tolist()}
+        for label, c in clips.items()
+    }

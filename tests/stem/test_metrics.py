@@ -80,3 +80,17 @@ def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="equal in shape"):
         psnr(torch.zeros(2, 8, 8, 3), torch.zeros(3, 8, 8, 3))
     assert math.isinf(psnr(torch.zeros(1, 8, 8, 3), torch.zeros(1, 8, 8, 3)).item())
+
+
+def test_compare_and_plot_draw_one_curve_per_method():
+    from stem.metrics import PALETTE, compare, plot_metrics
+
+    src = textured_clip()
+    res = compare(src, {"same": src, "noisy": (src + 0.05 * torch.randn_like(src)).clamp(0, 1)})
+    assert set(res["same"]) == {"psnr", "ssim", "warp_error"} and len(res["same"]["warp_error"]) == len(src) - 1
+    assert math.isinf(res["same"]["psnr"][0]) and res["noisy"]["psnr"][0] < 40
+    img = plot_metrics(res, 640, 480)
+    assert img.shape == (480, 640, 3) and img.dtype == np.uint8
+    for colour in PALETTE[:2]:  # both methods' colours are on the figure
+        assert (np.abs(img.astype(int) - np.array(colour)).sum(-1) < 30).sum() > 50
+    assert (img < 250).mean() > 0.02  # not blank
