@@ -3,11 +3,51 @@ from __future__ import annotations
 
 import torch
 
-from ..stem.attention import stem_attention
+from ..stem.attention import full_attention, full_attention_bytes, stem_attention
 from ..stem.em import DEFAULT_EM_ITERS, DEFAULT_NUM_BASES, DEFAULT_TAU
-from .common import CATEGORY, attn1_sites, check_model, layer_seed, refuse_split_frames
+from .common import CATEGORY, StemError, attn1_sites, check_model, layer_seed, refuse_split_frames
 
 GROUPINGS = ["whole clip", "chunks of n frames"]
+MODES = ["stem", "inflated", "per-frame"]
+DEFAULT_SETTINGS = {"attention": "stem", "num_bases": DEFAULT_NUM_BASES, "em_iters": DEFAULT_EM_ITERS,
+                    "tau": DEFAULT_TAU, "seed": 1, "grouping": GROUPINGS[0], "frames_per_group": 8}
+# inflated attention may use at most this share of the free memory of its device
+INFLATED_MEMORY_SHARE = 0.5
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on the device (CUDA: the driver's count; CPU: available RAM)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    from .video_nodes import available_memory
+
+    return available_memory()
+
+
+def make_inflated_attn1(settings: dict):
+    """Inflated attention: every frame attends to every frame of its group (the STEM paper's
+    "radical" baseline), through SDPA's memory-efficient path. Before each layer it estimates
+    the memory and refuses a clip that would not fit."""
+    frames_per_group = settings["frames_per_group"] if settings["grouping"] == GROUPINGS[1] else None
+
+    def inflated_attn1(q, k, v, extra_options):
+        refuse_split_frames(extra_options)
+        chunks = len(extra_options.get("cond_or_uncond") or [0])
+        frames = q.shape[0] // chunks
+        group = min(frames, frames_per_group or frames)
+        need = full_attention_bytes(group, q.shape[1], q.shape[2], extra_options["n_heads"],
+                                    num_groups=q.shape[0] // group, element_size=q.element_size())
+        free = free_memory(q.device)
+        if free is not None and need > INFLATED_MEMORY_SHARE * free:
+            raise StemError(
+                f"inflated attention over {group} frames of {q.shape[1]} tokens needs about {need / 2**30:.2f} GiB "
+                f"in one layer, over the limit of {INFLATED_MEMORY_SHARE * free / 2**30:.2f} GiB "
+                f"({int(INFLATED_MEMORY_SHARE * 100)}% of the {free / 2**30:.2f} GiB free); use attention 'stem', "
+                "fewer frames, a smaller size, or 'chunks of n frames'"
+            )
+        return full_attention(q, k, v, extra_options["n_heads"], num_chunks=chunks, frames_per_group=frames_per_group)
+
+    return inflated_attn1
 
 
 def make_stem_attn1(settings: dict):
@@ -32,10 +72,20 @@ def make_stem_attn1(settings: dict):
 
 def apply_stem_patch(model, settings: dict):
     """A clone of ``model`` with STEM attention on every self-attention layer."""
+    return apply_attention_patch(model, dict(settings, attention="stem"))
+
+
+def apply_attention_patch(model, settings: dict):
+    """A clone of ``model`` with the attention mode ``settings["attention"]`` on every
+    self-attention layer: 'stem', 'inflated', or 'per-frame' (SD's own, left as it is)."""
+    mode = settings.get("attention", "stem")
+    if mode not in MODES:
+        raise StemError(f"attention: '{mode}' is not one of {MODES}")
     m = model.clone()
-    patch = make_stem_attn1(settings)
-    for block, idx, tidx in attn1_sites(m):
-        m.set_model_attn1_replace(patch, block, idx, tidx)
+    if mode != "per-frame":
+        patch = make_stem_attn1(settings) if mode == "stem" else make_inflated_attn1(settings)
+        for block, idx, tidx in attn1_sites(m):
+            m.set_model_attn1_replace(patch, block, idx, tidx)
     # read by STEM Invert, which records how the inversion was made
     m.model_options["transformer_options"]["stem_attention"] = dict(settings)
     return m
@@ -46,12 +96,12 @@ class STEMAttentionPatch:
         "Replaces every self-attention of the UNet with STEM attention (Li et al., CVPR 2024): "
         "for each clip, an EM loop condenses the keys and values of ALL frames into a few bases, "
         "and every frame attends to them. Use it on the model you give STEM Invert (and STEM "
-        "Reconstruct), or on a KSampler for temporally consistent video-to-video. The input MODEL "
-        "is left untouched."
+        "Reconstruct), or on a KSampler for temporally consistent video-to-video. 'inflated' and "
+        "'per-frame' give the paper's two baselines. The input MODEL is left untouched."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("A copy of the model whose self-attention uses STEM bases.",)
+    OUTPUT_TOOLTIPS = ("A copy of the model with the chosen self-attention.",)
     FUNCTION = "patch"
 
     @classmethod
@@ -59,6 +109,11 @@ class STEMAttentionPatch:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "An SD1.x or SD2.x model (LoRA and other patches are kept)."}),
+                "attention": (MODES, {"default": "stem",
+                                      "tooltip": "stem: every frame attends to EM bases of its clip (the paper). inflated: every frame "
+                                                 "attends to every frame (full spatio-temporal attention; memory grows with the "
+                                                 "square of the frame count, refused when it would not fit). per-frame: SD's own "
+                                                 "attention, for a baseline."}),
                 "num_bases": ("INT", {"default": DEFAULT_NUM_BASES, "min": 1, "max": 4096,
                                       "tooltip": "Bases per head (the paper's 256). Fewer is faster and smoother; more keeps more detail."}),
                 "em_iters": ("INT", {"default": DEFAULT_EM_ITERS, "min": 1, "max": 50,
@@ -75,11 +130,11 @@ class STEMAttentionPatch:
             }
         }
 
-    def patch(self, model, num_bases, em_iters, tau, seed, grouping, frames_per_group):
+    def patch(self, model, attention, num_bases, em_iters, tau, seed, grouping, frames_per_group):
         check_model(model)
-        settings = {"attention": "stem", "num_bases": num_bases, "em_iters": em_iters, "tau": tau, "seed": seed,
+        settings = {"attention": attention, "num_bases": num_bases, "em_iters": em_iters, "tau": tau, "seed": seed,
                     "grouping": grouping, "frames_per_group": frames_per_group}
-        return (apply_stem_patch(model, settings),)
+        return (apply_attention_patch(model, settings),)
 
 
 NODE_CLASS_MAPPINGS = {"STEMAttentionPatch": STEMAttentionPatch}

@@ -158,9 +158,9 @@ def ksample(sd, model, cfg=7.5, seed=3, steps=2):
 @pytest.mark.parametrize("cfg", [7.5, 1.0])
 def test_stem_patch_under_a_plain_ksampler_is_deterministic(sd, cfg):
     node = sd.patch.STEMAttentionPatch()
-    patched = node.patch(sd.model, 16, 5, 0.01, 1, "whole clip", 8)[0]
+    patched = node.patch(sd.model, "stem", 16, 5, 0.01, 1, "whole clip", 8)[0]
     a = ksample(sd, patched, cfg)
-    b = ksample(sd, node.patch(sd.model, 16, 5, 0.01, 1, "whole clip", 8)[0], cfg)
+    b = ksample(sd, node.patch(sd.model, "stem", 16, 5, 0.01, 1, "whole clip", 8)[0], cfg)
     assert torch.isfinite(a).all() and torch.equal(a, b)
     assert not torch.allclose(a, ksample(sd, sd.model, cfg))  # the patch changed the attention
 
@@ -299,7 +299,7 @@ def edit_graph(ckpt, clip, steps=2):
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a man is playing tennis", "clip": ["1", 1]}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "spider-man is playing tennis", "clip": ["1", 1]}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "ugly, blurry", "clip": ["1", 1]}},
-        "7": {"class_type": "STEMAttentionPatch", "inputs": {"model": ["1", 0], "num_bases": 256, "em_iters": 5, "tau": 0.01,
+        "7": {"class_type": "STEMAttentionPatch", "inputs": {"model": ["1", 0], "attention": "stem", "num_bases": 256, "em_iters": 5, "tau": 0.01,
                                                             "seed": 1, "grouping": "whole clip", "frames_per_group": 8}},
         "8": {"class_type": "STEMInvert", "inputs": {"model": ["7", 0], "latent": ["3", 0], "conditioning": ["4", 0], "steps": steps}},
         "9": {"class_type": "FreeU", "inputs": {"model": ["1", 0], "b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}},
@@ -372,3 +372,26 @@ def test_fewer_edit_steps_use_a_subset_of_the_inversion_timesteps(sd, inversions
     out, _ = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, steps=2)
     assert seen[0] == 501  # the edit starts from the inversion's latent at its own first level
     assert seen[1:] == [501, 1] and torch.isfinite(out).all()
+
+
+def test_attention_modes_per_frame_is_sd_and_inflated_is_full_attention(sd, monkeypatch):
+    node = sd.patch.STEMAttentionPatch()
+    per_frame = node.patch(sd.model, "per-frame", 16, 5, 0.01, 1, "whole clip", 8)[0]
+    assert not per_frame.model_options["transformer_options"].get("patches_replace")
+    assert per_frame.model_options["transformer_options"]["stem_attention"]["attention"] == "per-frame"
+    assert torch.equal(ksample(sd, per_frame, 1.0), ksample(sd, sd.model, 1.0))
+
+    patch = sd.patch.make_inflated_attn1(stem_settings())
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2 * 4, 6, 16, generator=g) for _ in range(3))
+    eo = {"cond_or_uncond": [1, 0], "n_heads": 2, "block": ("input", 1), "block_index": 0}
+    torch.testing.assert_close(patch(q, k, v, eo), sd.attention.full_attention(q, k, v, 2, num_chunks=2))
+    monkeypatch.setattr(sd.patch, "free_memory", lambda device: 1000)
+    with pytest.raises(ValueError, match=r"inflated attention over 4 frames .* needs about .* GiB .* limit"):
+        patch(q, k, v, eo)
+
+
+def test_inflated_inversion_runs_and_records_its_mode(sd):
+    model = sd.patch.STEMAttentionPatch().patch(sd.model, "inflated", 16, 5, 0.01, 1, "whole clip", 8)[0]
+    inv = sd.inv.invert(model, sd.latent["samples"], sd.source, 2)
+    assert inv.settings["attention"] == "inflated" and torch.isfinite(inv.latents).all()

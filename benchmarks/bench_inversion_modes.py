@@ -1,0 +1,95 @@
+"""The paper's comparison: per-frame DDIM vs inflated DDIM vs STEM inversion, in ComfyUI.
+
+For each clip size, the same clip is inverted and reconstructed in the three attention modes;
+the table gives the time of an inversion step, the peak memory of the inversion (process RSS on
+the CPU, allocated memory on CUDA) and the PSNR of the decoded reconstruction against the source
+frames. With random weights the PSNR is a plumbing check, not the paper's quality figure.
+
+    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python benchmarks/bench_inversion_modes.py --quick
+    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python benchmarks/bench_inversion_modes.py --sizes 8x256 8x512 --steps 1
+    ... --memory-frames 8 16 32 --memory-size 128      # how memory grows with frames, inflated vs stem
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "comfyui"))
+import comfy_harness as H  # noqa: E402
+
+MODES = ("per-frame", "inflated", "stem")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", nargs="*", default=["8x64", "8x256", "8x512"], help="FRAMESxSIZE cases")
+    ap.add_argument("--quick", action="store_true", help="only 8 frames at 64x64")
+    ap.add_argument("--steps", type=int, default=2, help="inversion steps per run (time is per step)")
+    ap.add_argument("--memory-frames", nargs="*", type=int, default=[], help="frame counts for the memory-growth table")
+    ap.add_argument("--memory-size", type=int, default=128, help="frame size for the memory-growth table")
+    args = ap.parse_args()
+    sizes = ["8x64"] if args.quick else args.sizes
+
+    path, skip = H.locate_and_bootstrap()
+    if skip:
+        sys.exit(f"ComfyUI not available: {skip}")
+    import nodes
+
+    base = Path(tempfile.mkdtemp(prefix="stem-bench-modes-"))
+    dirs = H.configure_folders(base)
+    H.init_comfy_nodes()
+    pack = H.load_pack(dirs["custom_nodes"], REPO)
+    inv_nodes = H.pack_submodule(pack, "nodes.inversion_nodes")
+    patch = H.pack_submodule(pack, "nodes.attention_patch")
+    metrics = H.pack_submodule(pack, "stem.metrics")
+    name, _ = H.provide_sd15_checkpoint(dirs["checkpoints"])
+    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
+    source = nodes.CLIPTextEncode().encode(clip, "a red disc and a yellow square moving")[0]
+
+    def patched(mode: str):
+        return patch.apply_attention_patch(model, dict(patch.DEFAULT_SETTINGS, attention=mode))
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.steps} inversion steps a run\n")
+    print("| clip | mode | inversion s/step | peak MiB | reconstruction PSNR (dB) |")
+    print("|---|---|---:|---:|---:|")
+    with torch.inference_mode():
+        inv_nodes.invert(model, torch.zeros(1, 4, 8, 8), source, 1)  # warm-up: model load
+        for case in sizes:
+            F, size = (int(v) for v in case.split("x"))
+            frames = torch.from_numpy(H.synth_frames(F, size, size)).float() / 255.0
+            latent = nodes.VAEEncode().encode(vae, frames)[0]["samples"]
+            for mode in MODES:
+                m = patched(mode)
+                try:
+                    inv = inv_nodes.invert(m, latent, source, args.steps)
+                except ValueError as e:  # inflated refuses what would not fit
+                    print(f"| {F} frames {size}x{size} | {mode} | refused: {e} | | |", flush=True)
+                    continue
+                rec = inv_nodes.reconstruct(m, inv)
+                decoded = nodes.VAEDecode().decode(vae, {"samples": rec})[0]
+                p = metrics.psnr(decoded.float(), frames).mean().item()
+                print(f"| {F} frames {size}x{size} | {mode} | {inv.settings['seconds'] / args.steps:.2f} | "
+                      f"{inv.settings['peak_mib']:.0f} | {p:.2f} |", flush=True)
+        if args.memory_frames:
+            print(f"\nPeak memory of a 1-step inversion at {args.memory_size}x{args.memory_size} (MiB):\n")
+            print("| frames | " + " | ".join(MODES) + " |")
+            print("|---|" + "---:|" * len(MODES))
+            for F in args.memory_frames:
+                frames = torch.from_numpy(H.synth_frames(F, args.memory_size, args.memory_size)).float() / 255.0
+                latent = nodes.VAEEncode().encode(vae, frames)[0]["samples"]
+                cells = []
+                for mode in MODES:
+                    try:
+                        cells.append(f"{inv_nodes.invert(patched(mode), latent, source, 1).settings['peak_mib']:.0f}")
+                    except ValueError:
+                        cells.append("refused")
+                print(f"| {F} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

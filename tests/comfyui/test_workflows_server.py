@@ -1,0 +1,266 @@
+"""The bundled workflows (workflows/api/*.json) queued on a real ComfyUI server over HTTP.
+
+One server per module: ``main.py --cpu`` from $COMFYUI_PATH with this interpreter, bound to
+127.0.0.1 on a free port, with ``--base-directory`` a temporary folder holding
+custom_nodes/ComfyUI-STEM (a symlink to this repo; the user's ComfyUI checkout is not touched
+and none of its other custom nodes load), models/checkpoints (the random SD1.5 checkpoint),
+input/ (a generated 8-frame 64x64 clip) and output/. Each workflow is sent as it is committed,
+with only the file names and a few sizes made small (by node class and input name), and must
+run to completion and write its videos.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+import comfy_harness as H
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOW_DIR = REPO / "workflows"
+CLIP = "stem_workflow_clip.mp4"
+FRAMES, SIZE = 8, 64
+START_TIMEOUT = 240
+RUN_TIMEOUT = 600
+
+# What the tests change: (class_type, input) -> value; "<ckpt>" / "<clip>" are filled in.
+SMALL = {
+    ("CheckpointLoaderSimple", "ckpt_name"): "<ckpt>",
+    ("LoadVideoFrames", "video"): "<clip>",
+    ("LoadVideoFrames", "size"): SIZE,
+    ("LoadVideoFrames", "frame_load_cap"): FRAMES,
+    ("STEMAttentionPatch", "num_bases"): 32,
+    ("STEMInvert", "steps"): 2,
+    ("TokenFlowEdit", "batch_size"): 4,
+    ("KSampler", "steps"): 2,
+}
+TIMES: dict[str, float] = {}
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("stem_make_workflows", WORKFLOW_DIR / "make_workflows.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+GEN = _generator()
+NAMES = sorted(GEN.WORKFLOWS)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, data: dict | None = None, timeout: float = 30):
+    body = None if data is None else json.dumps(data).encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read().decode() or "null")
+
+
+def _log_tail(path: Path, n: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, comfy_env):
+    base = tmp_path_factory.mktemp("server")
+    dirs = {k: base / k for k in ("input", "output", "custom_nodes", "user", "temp")}
+    for d in dirs.values():
+        d.mkdir()
+    (dirs["custom_nodes"] / "ComfyUI-STEM").symlink_to(REPO, target_is_directory=True)
+    ckpt_dir = base / "models" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    ckpt, _ = H.provide_sd15_checkpoint(ckpt_dir)
+    H.write_video_clip(dirs["input"] / CLIP, FRAMES, SIZE, SIZE, 8.0)
+    port = _free_port()
+    log = base / "server.log"
+    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--base-directory", str(base), "--input-directory", str(dirs["input"]),
+           "--output-directory", str(dirs["output"]), "--temp-directory", str(dirs["temp"]),
+           "--user-directory", str(dirs["user"]), "--disable-auto-launch", "--disable-api-nodes",
+           # the default database is ComfyUI/user/comfyui.db inside the checkout: keep it in base
+           "--database-url", f"sqlite:///{dirs['user'] / 'comfyui.db'}"]
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=comfy_env.comfyui_path, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {proc.returncode} while starting:\n{_log_tail(log)}")
+            with contextlib.suppress(OSError, ValueError):
+                _http(url + "/system_stats", timeout=5)
+                break
+            if time.perf_counter() - t0 > START_TIMEOUT:
+                pytest.fail(f"ComfyUI did not answer within {START_TIMEOUT}s:\n{_log_tail(log)}")
+            time.sleep(0.5)
+        TIMES["server start"] = time.perf_counter() - t0
+        yield types.SimpleNamespace(url=url, base=base, output=dirs["output"], ckpt=ckpt, log=log, proc=proc)
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=20)
+        link = ckpt_dir / ckpt
+        if link.exists() and not link.is_symlink():  # built without a cache: do not leave 2 GB behind
+            link.unlink()
+
+
+def small_prompt(api: dict, ckpt: str) -> dict:
+    fill = {"<ckpt>": ckpt, "<clip>": CLIP}
+    prompt = json.loads(json.dumps(api))
+    seen = set()
+    for node in prompt.values():
+        for (cls, name), value in SMALL.items():
+            if node["class_type"] == cls and name in node["inputs"]:
+                node["inputs"][name] = fill.get(value, value) if isinstance(value, str) else value
+                seen.add((cls, name))
+    classes = {n["class_type"] for n in prompt.values()}
+    missed = [key for key in SMALL if key[0] in classes and key not in seen]
+    assert not missed, f"inputs to make small are missing from the workflow: {missed}"
+    return prompt
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses with a socket listening on port (Linux /proc/net/tcp, tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, _, state = line.split()[1:4]
+                addr, p = local.rsplit(":", 1)
+                if state == "0A" and int(p, 16) == port:
+                    found.add(addr)
+    return found
+
+
+def test_server_binds_localhost_only(server):
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("no /proc/net/tcp to read listening sockets from")
+    port = int(server.url.rsplit(":", 1)[1])
+    assert _listening_addresses(port) == {"0100007F"}, "the server should listen on 127.0.0.1 only"
+
+
+def test_node_definitions_match_the_generator(server):
+    """Every node type the workflows use exists on the server with the widgets (in order),
+    sockets and outputs that make_workflows.py writes."""
+    info = _http(server.url + "/object_info")
+    for type_, t in GEN.NODE_TYPES.items():
+        if t.virtual:
+            continue
+        assert type_ in info, f"{type_} is not a node type of this server"
+        d = info[type_]
+        order = d.get("input_order", {})
+        specs = {**d["input"].get("required", {}), **d["input"].get("optional", {})}
+        optional = set(d["input"].get("optional", {}))
+        widgets, sockets = [], []
+        for name in order.get("required", []) + order.get("optional", []):
+            spec = specs[name]
+            kind, opts = spec[0], (spec[1] if len(spec) > 1 else {}) or {}
+            is_widget = (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")) \
+                and not opts.get("forceInput")
+            if is_widget:
+                widgets.append(name)
+            else:
+                sockets.append((name, kind, name in optional))
+        assert tuple(widgets) == t.widgets, f"{type_}: widgets {widgets}"
+        assert tuple(sockets) == t.sockets, f"{type_}: sockets {sockets}"
+        names = d.get("output_name") or d["output"]
+        assert tuple(zip(names, d["output"])) == t.outputs, f"{type_}: outputs {list(zip(names, d['output']))}"
+        for w in t.control_after:
+            assert specs[w][0] == "INT" and (w in ("seed", "noise_seed") or specs[w][1].get("control_after_generate"))
+        uploads = [n for n, s in specs.items() if isinstance(s[1] if len(s) > 1 else None, dict)
+                   and (s[1].get("video_upload") or s[1].get("image_upload"))]
+        assert bool(uploads) == t.upload, f"{type_}: upload inputs {uploads}"
+
+
+def test_template_browser_lists_the_workflows(server):
+    """ComfyUI's template browser lists the UI workflows (not the api/ twins) and serves them."""
+    templates = _http(server.url + "/workflow_templates")
+    assert sorted(templates.get("ComfyUI-STEM", [])) == NAMES
+    for name in NAMES:
+        served = _http(f"{server.url}/api/workflow_templates/ComfyUI-STEM/{name}.json")
+        assert served == json.loads((WORKFLOW_DIR / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs(server, name):
+    api = json.loads((WORKFLOW_DIR / "api" / f"{name}.json").read_text())
+    prompt = small_prompt(api, server.ckpt)
+    t0 = time.perf_counter()
+    try:
+        queued = _http(server.url + "/prompt", {"prompt": prompt, "client_id": "stem-tests-" + uuid.uuid4().hex})
+    except urllib.error.HTTPError as e:
+        pytest.fail(f"{name}: POST /prompt refused ({e.code}): {e.read().decode(errors='replace')}")
+    pid = queued["prompt_id"]
+    assert not queued.get("node_errors"), queued["node_errors"]
+    while True:
+        hist = _http(f"{server.url}/history/{pid}").get(pid)
+        if hist and hist.get("status", {}).get("completed") is not None and \
+                (hist["status"]["completed"] or hist["status"].get("status_str") == "error"):
+            break
+        if server.proc.poll() is not None:
+            pytest.fail(f"the server died running {name}:\n{_log_tail(server.log)}")
+        if time.perf_counter() - t0 > RUN_TIMEOUT:
+            pytest.fail(f"{name} did not finish within {RUN_TIMEOUT}s:\n{_log_tail(server.log)}")
+        time.sleep(0.5)
+    seconds = time.perf_counter() - t0
+    TIMES[name] = seconds
+    status = hist["status"]
+    errors = [m for m in status.get("messages", []) if m[0] == "execution_error"]
+    assert status.get("status_str") == "success" and status["completed"], \
+        f"{name} failed: {json.dumps(errors, indent=1)[:4000]}\n{_log_tail(server.log)}"
+
+    savers = [nid for nid, n in prompt.items() if n["class_type"] == "SaveVideo"]
+    assert savers
+    import cv2
+    for nid in savers:
+        items = hist["outputs"].get(nid, {}).get("images", [])
+        assert len(items) == 1, f"{name}: SaveVideo {nid} reported {items}"
+        item = items[0]
+        path = server.output / item.get("subfolder", "") / item["filename"]
+        prefix = prompt[nid]["inputs"]["filename_prefix"]
+        assert path.is_file() and path.stat().st_size > 0, f"{name}: {path} was not written"
+        assert str(path.relative_to(server.output)).startswith(prefix)
+        cap = cv2.VideoCapture(str(path))
+        try:
+            n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            h = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        finally:
+            cap.release()
+        assert n == FRAMES and h == SIZE, f"{name}: {path.name} has {n} frames of height {h}"
+    executed = [line.strip() for line in server.log.read_text(errors="replace").splitlines()
+                if "Prompt executed in" in line]
+    print(f"\n{name}: {seconds:.1f}s on CPU from POST to history; server: {executed[-1] if executed else '?'}")
+
+
+def test_report_times(server):
+    """Not a check: prints the server start and per-workflow times (run with -rP to see them)."""
+    print("\n" + ", ".join(f"{k} {v:.1f}s" for k, v in TIMES.items()))

@@ -1,0 +1,452 @@
+"""Builds the bundled workflows, UI format (``workflows/*.json``, what the ComfyUI frontend saves
+and loads by drag and drop) and API format (``workflows/api/*.json``, what ``POST /prompt``
+takes), from one description per workflow, so that the two cannot drift apart.
+
+    python workflows/make_workflows.py           # rewrite the files
+    python workflows/make_workflows.py --check   # exit 1 if a committed file differs
+
+Pure standard library: no ComfyUI, no torch. Each node type's widgets (in the order the
+frontend shows and serializes them), sockets and outputs are written out in `NODE_TYPES`;
+tests/workflows checks ours against the pack's INPUT_TYPES and the ComfyUI tier checks all of
+them against a running server's /object_info.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------
+# Node types: widgets (input name, in INPUT_TYPES order: required, then optional), sockets
+# (name, type, optional) and outputs (name, type). ComfyUI 0.3.64 / frontend 1.27.10.
+# Frontend conventions mirrored in the UI format:
+# * an INT widget named "seed" (or with control_after_generate) is followed in widgets_values
+#   by its "control after generate" value ("fixed", "increment", "decrement", "randomize");
+# * a combo with video_upload / image_upload gets an "upload" button widget after all other
+#   widgets, serialized as the value "image" (as core LoadImage / LoadVideo save it);
+# * "Note" exists only in the frontend: it has no API-format counterpart.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeType:
+    widgets: tuple = ()
+    sockets: tuple = ()  # (name, type, optional)
+    outputs: tuple = ()  # (name, type)
+    control_after: tuple = ()  # widgets followed by a control_after_generate value
+    upload: bool = False  # trailing upload widget ("image")
+    core: bool = True
+    virtual: bool = False  # frontend-only (no API node)
+
+
+NODE_TYPES: dict[str, NodeType] = {
+    # -- ComfyUI core (nodes.py, comfy_extras/) -------------------------------------------------
+    "CheckpointLoaderSimple": NodeType(("ckpt_name",), (), (("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE"))),
+    "CLIPTextEncode": NodeType(("text",), (("clip", "CLIP", False),), (("CONDITIONING", "CONDITIONING"),)),
+    "VAEEncode": NodeType((), (("pixels", "IMAGE", False), ("vae", "VAE", False)), (("LATENT", "LATENT"),)),
+    "VAEDecode": NodeType((), (("samples", "LATENT", False), ("vae", "VAE", False)), (("IMAGE", "IMAGE"),)),
+    "FreeU": NodeType(("b1", "b2", "s1", "s2"), (("model", "MODEL", False),), (("MODEL", "MODEL"),)),
+    "KSampler": NodeType(
+        ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"),
+        (("model", "MODEL", False), ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
+         ("latent_image", "LATENT", False)),
+        (("LATENT", "LATENT"),), control_after=("seed",)),
+    "ImageStitch": NodeType(("direction", "match_image_size", "spacing_width", "spacing_color"),
+                            (("image1", "IMAGE", False), ("image2", "IMAGE", True)), (("IMAGE", "IMAGE"),)),
+    "CreateVideo": NodeType(("fps",), (("images", "IMAGE", False), ("audio", "AUDIO", True)), (("VIDEO", "VIDEO"),)),
+    "SaveVideo": NodeType(("filename_prefix", "format", "codec"), (("video", "VIDEO", False),), ()),
+    "Note": NodeType(("text",), (), (), virtual=True),
+    # -- this pack (nodes/) --------------------------------------------------------------------
+    "LoadVideoFrames": NodeType(
+        ("video", "frame_load_cap", "skip_first_frames", "select_every_nth", "size", "crop"), (),
+        (("frames", "IMAGE"), ("frame_count", "INT"), ("fps", "FLOAT"), ("width", "INT"), ("height", "INT")),
+        upload=True, core=False),
+    "STEMAttentionPatch": NodeType(
+        ("attention", "num_bases", "em_iters", "tau", "seed", "grouping", "frames_per_group"), (("model", "MODEL", False),),
+        (("MODEL", "MODEL"),), control_after=("seed",), core=False),
+    "STEMInvert": NodeType(
+        ("steps",), (("model", "MODEL", False), ("latent", "LATENT", False), ("conditioning", "CONDITIONING", False)),
+        (("inversion", "STEM_INVERSION"), ("inverted_latent", "LATENT")), core=False),
+    "STEMReconstruct": NodeType(
+        (), (("model", "MODEL", False), ("inversion", "STEM_INVERSION", False),
+             ("conditioning", "CONDITIONING", True), ("source_latent", "LATENT", True)),
+        (("LATENT", "LATENT"),), core=False),
+    "TokenFlowEdit": NodeType(
+        ("cfg", "pnp_attn_t", "pnp_f_t", "batch_size", "seed", "steps", "keyframe_positions"),
+        (("model", "MODEL", False), ("inversion", "STEM_INVERSION", False), ("positive", "CONDITIONING", False),
+         ("negative", "CONDITIONING", False), ("source_conditioning", "CONDITIONING", True),
+         ("source_latent", "LATENT", True)),
+        (("LATENT", "LATENT"),), control_after=("seed",), core=False),
+}
+
+# Widget input types, where a link may replace the widget (UI "inputs" entry with "widget").
+WIDGET_TYPES = {("CreateVideo", "fps"): "FLOAT"}
+
+NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
+DEFAULT_CLIP = "your_clip.mp4"
+DEFAULT_CKPT = "v1-5-pruned-emaonly.safetensors"
+
+# ----------------------------------------------------------------------------------------------
+# One description per workflow
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class N:
+    id: int
+    type: str
+    pos: tuple
+    size: tuple
+    widgets: dict = field(default_factory=dict)  # widget name -> value
+    links: dict = field(default_factory=dict)  # input name -> (source node id, output slot)
+    title: str | None = None
+    control: dict = field(default_factory=dict)  # seed widget -> "fixed"/"randomize"/...
+    color: str | None = None
+    bgcolor: str | None = None
+
+
+def _load_clip(nid, pos):
+    return N(nid, "LoadVideoFrames", pos, (320, 460),
+             {"video": DEFAULT_CLIP, "frame_load_cap": 0, "skip_first_frames": 0, "select_every_nth": 1,
+              "size": 512, "crop": False})
+
+
+def _save(nid, pos, src, prefix, size=(420, 460), title=None):
+    return N(nid, "SaveVideo", pos, size, {"filename_prefix": prefix, "format": "auto", "codec": "auto"},
+             {"video": src}, title=title)
+
+
+def _create_video(nid, pos, images, fps_from):
+    return N(nid, "CreateVideo", pos, (270, 78), {"fps": 30.0}, {"images": images, "fps": fps_from})
+
+
+def _note(nid, pos, size, text):
+    return N(nid, "Note", pos, size, {"text": text}, color="#432", bgcolor="#653")
+
+
+def _ckpt(nid, pos):
+    return N(nid, "CheckpointLoaderSimple", pos, (320, 98), {"ckpt_name": DEFAULT_CKPT})
+
+
+def _stem_patch(nid, pos, model, attention="stem"):
+    return N(nid, "STEMAttentionPatch", pos, (320, 254),
+             {"attention": attention, "num_bases": 256, "em_iters": 5, "tau": 0.01, "seed": 1, "grouping": "whole clip",
+              "frames_per_group": 8}, {"model": model}, control={"seed": "fixed"})
+
+
+def _prompt(nid, pos, clip, text, title, color=None):
+    colors = {"green": ("#232", "#353"), "red": ("#322", "#533")}
+    c, bg = colors.get(color, (None, None))
+    return N(nid, "CLIPTextEncode", pos, (420, 150), {"text": text}, {"clip": clip}, title=title, color=c, bgcolor=bg)
+
+
+NOTE_SETUP = (
+    "Before you queue:\n"
+    "1. Checkpoint: an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly.safetensors) in ComfyUI/models/checkpoints, "
+    "picked in Load Checkpoint. SD2.x works too; SDXL, SD3, Flux and video models are refused.\n"
+    "2. Video: put a clip (mp4, webm, mov, avi, mkv, gif, or a folder of frames) in ComfyUI/input/, or use the "
+    "upload button of Load Video Frames, and pick it there. size = short side in pixels (512 as in the paper); "
+    "frame_load_cap (0 = all), skip_first_frames and select_every_nth pick the frames.\n"
+)
+
+
+def tokenflow_edit():
+    text = (
+        "STEM inversion + TokenFlow editing (text-guided video editing)\n\n" + NOTE_SETUP +
+        "3. Prompts: 'Source prompt' says what the clip shows; 'Target prompt' what it should show. Keep the "
+        "negative prompt.\n\n"
+        "Defaults are the paper's: 50 inversion steps, 50 editing steps (steps 0 = the inversion's), cfg 7.5, "
+        "batch_size 8 (at most the number of frames), pnp 0.5 / 0.8, 256 bases, 5 EM iterations, seed 1. The "
+        "STEM patch goes only on the inversion's model; FreeU (1.2, 1.4, 0.9, 0.2) only on the editing model.\n\n"
+        "Time: the edit costs about three times the inversion. On a GPU, a 48-frame 512x512 clip takes minutes. "
+        "On a CPU expect hours at 512: try size 256 and frame_load_cap 16 first.\n\n"
+        "Output: ComfyUI/output/stem/ gets the edited clip (tokenflow_edit_*.mp4) and a side-by-side "
+        "comparison, source | edit (tokenflow_compare_*.mp4), at the clip's frame rate."
+    )
+    nodes = [
+        _note(1, (-480, 0), (440, 620), text),
+        _ckpt(2, (0, 0)),
+        _load_clip(3, (0, 150)),
+        _prompt(4, (380, 0), (2, 1), "a man is playing tennis", "Source prompt (what the clip shows)"),
+        _prompt(5, (380, 190), (2, 1), "Spider-Man is playing tennis", "Target prompt (what it should show)", "green"),
+        _prompt(6, (380, 380), (2, 1), NEGATIVE, "Negative prompt", "red"),
+        N(7, "VAEEncode", (380, 570), (210, 46), {}, {"pixels": (3, 0), "vae": (2, 2)}),
+        _stem_patch(8, (860, 0), (2, 0)),
+        N(9, "FreeU", (860, 290), (320, 130), {"b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}, {"model": (2, 0)}),
+        N(10, "STEMInvert", (1240, 0), (320, 120), {"steps": 50},
+          {"model": (8, 0), "latent": (7, 0), "conditioning": (4, 0)}),
+        N(11, "TokenFlowEdit", (1240, 180), (340, 330),
+          {"cfg": 7.5, "pnp_attn_t": 0.5, "pnp_f_t": 0.8, "batch_size": 8, "seed": 1, "steps": 0,
+           "keyframe_positions": "reference (batch middle)"},
+          {"model": (9, 0), "inversion": (10, 0), "positive": (5, 0), "negative": (6, 0), "source_latent": (7, 0)},
+          control={"seed": "fixed"}),
+        N(12, "VAEDecode", (1620, 180), (210, 46), {}, {"samples": (11, 0), "vae": (2, 2)}),
+        _create_video(13, (1620, 270), (12, 0), (3, 2)),
+        _save(14, (1920, 0), (13, 0), "stem/tokenflow_edit", title="Save Video (edit)"),
+        N(15, "ImageStitch", (1620, 400), (270, 150),
+          {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"},
+          {"image1": (3, 0), "image2": (12, 0)}, title="Side by side: source | edit"),
+        _create_video(16, (1620, 590), (15, 0), (3, 2)),
+        _save(17, (2360, 0), (16, 0), "stem/tokenflow_compare", (640, 460), title="Save Video (source | edit)"),
+    ]
+    return nodes
+
+
+def inversion_reconstruction():
+    text = (
+        "STEM inversion vs. plain DDIM inversion\n\n" + NOTE_SETUP +
+        "3. Source prompt: what the clip shows.\n\n"
+        "Both inversions run 50 DDIM steps without guidance; each is then sampled back down with STEM "
+        "Reconstruct on the model that inverted it (STEM-patched above, plain below). The closer a "
+        "reconstruction is to the source, the better the inversion: STEM's should flicker less.\n\n"
+        "Output: ComfyUI/output/stem/inversion_compare_*.mp4, three columns: source | STEM | DDIM.\n\n"
+        "Time: four passes of 50 steps (two inversions, two reconstructions); minutes on a GPU at 512, much "
+        "longer on a CPU (try size 256, frame_load_cap 16)."
+    )
+    nodes = [
+        _note(1, (-480, 0), (440, 560), text),
+        _ckpt(2, (0, 0)),
+        _load_clip(3, (0, 150)),
+        _prompt(4, (380, 0), (2, 1), "a man is playing tennis", "Source prompt (what the clip shows)"),
+        N(5, "VAEEncode", (380, 190), (210, 46), {}, {"pixels": (3, 0), "vae": (2, 2)}),
+        _stem_patch(6, (860, 0), (2, 0)),
+        N(7, "STEMInvert", (1240, 0), (320, 120), {"steps": 50},
+          {"model": (6, 0), "latent": (5, 0), "conditioning": (4, 0)}, title="STEM Invert (STEM)"),
+        N(8, "STEMReconstruct", (1620, 0), (300, 110), {}, {"model": (6, 0), "inversion": (7, 0),
+                                                            "source_latent": (5, 0)},
+          title="STEM Reconstruct (STEM)"),
+        N(9, "VAEDecode", (1960, 0), (210, 46), {}, {"samples": (8, 0), "vae": (2, 2)}),
+        N(10, "STEMInvert", (1240, 300), (320, 120), {"steps": 50},
+          {"model": (2, 0), "latent": (5, 0), "conditioning": (4, 0)}, title="STEM Invert (plain DDIM)"),
+        N(11, "STEMReconstruct", (1620, 300), (300, 110), {}, {"model": (2, 0), "inversion": (10, 0),
+                                                               "source_latent": (5, 0)},
+          title="STEM Reconstruct (plain DDIM)"),
+        N(12, "VAEDecode", (1960, 300), (210, 46), {}, {"samples": (11, 0), "vae": (2, 2)}),
+        N(13, "ImageStitch", (2220, 0), (270, 150),
+          {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"},
+          {"image1": (3, 0), "image2": (9, 0)}, title="source | STEM"),
+        N(14, "ImageStitch", (2220, 200), (270, 150),
+          {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"},
+          {"image1": (13, 0), "image2": (12, 0)}, title="source | STEM | DDIM"),
+        _create_video(15, (2220, 400), (14, 0), (3, 2)),
+        _save(16, (2540, 0), (15, 0), "stem/inversion_compare", (760, 420),
+              title="Save Video (source | STEM | DDIM)"),
+    ]
+    return nodes
+
+
+def attention_ksampler():
+    text = (
+        "STEM attention on a plain KSampler (video-to-video)\n\n" + NOTE_SETUP +
+        "3. Prompts: what the result should look like, and a negative prompt.\n\n"
+        "Every frame is encoded, noised to denoise 0.6 and sampled in one batch; the STEM patch makes every "
+        "frame's self-attention read the same bases of the whole clip, which keeps the frames consistent. "
+        "Lower denoise keeps more of the source; the seed is fixed so reruns match.\n\n"
+        "Output: ComfyUI/output/stem/ksampler_stem_*.mp4 and a side-by-side comparison, source | result "
+        "(ksampler_compare_*.mp4).\n\n"
+        "Time: 20 steps x 0.6 = 12 denoising steps over all frames at once; seconds to minutes on a GPU at 512, "
+        "much longer on a CPU (try size 256, frame_load_cap 16)."
+    )
+    nodes = [
+        _note(1, (-480, 0), (440, 560), text),
+        _ckpt(2, (0, 0)),
+        _load_clip(3, (0, 150)),
+        _prompt(4, (380, 0), (2, 1), "a watercolor painting of a man playing tennis", "Positive prompt", "green"),
+        _prompt(5, (380, 190), (2, 1), NEGATIVE, "Negative prompt", "red"),
+        N(6, "VAEEncode", (380, 380), (210, 46), {}, {"pixels": (3, 0), "vae": (2, 2)}),
+        _stem_patch(7, (860, 0), (2, 0)),
+        N(8, "KSampler", (1240, 0), (320, 262),
+          {"seed": 1, "steps": 20, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 0.6},
+          {"model": (7, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
+          control={"seed": "fixed"}),
+        N(9, "VAEDecode", (1600, 0), (210, 46), {}, {"samples": (8, 0), "vae": (2, 2)}),
+        _create_video(10, (1600, 90), (9, 0), (3, 2)),
+        _save(11, (1900, 0), (10, 0), "stem/ksampler_stem", title="Save Video (result)"),
+        N(12, "ImageStitch", (1600, 220), (270, 150),
+          {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"},
+          {"image1": (3, 0), "image2": (9, 0)}, title="Side by side: source | result"),
+        _create_video(13, (1600, 410), (12, 0), (3, 2)),
+        _save(14, (2360, 0), (13, 0), "stem/ksampler_compare", (640, 460), title="Save Video (source | result)"),
+    ]
+    return nodes
+
+
+WORKFLOWS = {
+    "stem_tokenflow_edit": tokenflow_edit,
+    "stem_inversion_reconstruction": inversion_reconstruction,
+    "stem_attention_ksampler": attention_ksampler,
+}
+
+# ----------------------------------------------------------------------------------------------
+# Builders
+# ----------------------------------------------------------------------------------------------
+
+
+def _check(nodes: list[N]) -> dict[int, N]:
+    by_id = {}
+    for n in nodes:
+        if n.id in by_id:
+            raise ValueError(f"duplicate node id {n.id}")
+        if n.type not in NODE_TYPES:
+            raise ValueError(f"node {n.id}: unknown type {n.type}")
+        t = NODE_TYPES[n.type]
+        if set(n.widgets) != set(t.widgets):
+            raise ValueError(f"node {n.id} ({n.type}): widgets {sorted(n.widgets)} != {sorted(t.widgets)}")
+        sockets = {s[0] for s in t.sockets}
+        for name in n.links:
+            if name not in sockets and (n.type, name) not in WIDGET_TYPES:
+                raise ValueError(f"node {n.id} ({n.type}): no input {name!r} to link")
+        for name, _, optional in t.sockets:
+            if not optional and name not in n.links:
+                raise ValueError(f"node {n.id} ({n.type}): required input {name!r} is not linked")
+        by_id[n.id] = n
+    return by_id
+
+
+def _order(nodes: list[N]) -> dict[int, int]:
+    """Execution order as the frontend stores it: a topological order, ties by id."""
+    deps = {n.id: {src for src, _ in n.links.values()} for n in nodes}
+    order, done = {}, set()
+    while len(done) < len(nodes):
+        ready = sorted(i for i in deps if i not in done and deps[i] <= done)
+        if not ready:
+            raise ValueError("the workflow has a cycle")
+        for i in ready:
+            order[i] = len(order)
+            done.add(i)
+    return order
+
+
+def widgets_values(n: N) -> list:
+    t = NODE_TYPES[n.type]
+    values = []
+    for w in t.widgets:
+        values.append(n.widgets[w])
+        if w in t.control_after:
+            values.append(n.control.get(w, "fixed"))
+    if t.upload:
+        values.append("image")
+    return values
+
+
+def build_ui(nodes: list[N]) -> dict:
+    by_id = _check(nodes)
+    order = _order(nodes)
+    links = []  # [id, from_node, from_slot, to_node, to_slot, type]
+    in_link: dict[tuple[int, str], int] = {}
+    out_links: dict[tuple[int, int], list[int]] = {}
+    for n in sorted(nodes, key=lambda n: n.id):
+        t = NODE_TYPES[n.type]
+        names = [s[0] for s in t.sockets] + [w for w in t.widgets if w in n.links]
+        for name in sorted(n.links, key=names.index):
+            src, slot = n.links[name]
+            typ = NODE_TYPES[by_id[src].type].outputs[slot][1]
+            lid = len(links) + 1
+            links.append([lid, src, slot, n.id, names.index(name), typ])
+            in_link[(n.id, name)] = lid
+            out_links.setdefault((src, slot), []).append(lid)
+    ui_nodes = []
+    for n in sorted(nodes, key=lambda n: n.id):
+        t = NODE_TYPES[n.type]
+        inputs = []
+        for name, typ, optional in t.sockets:
+            entry = {"name": name, "type": typ}
+            if optional:
+                entry["shape"] = 7
+            entry["link"] = in_link.get((n.id, name))
+            inputs.append(entry)
+        for w in t.widgets:
+            if w in n.links:
+                inputs.append({"name": w, "type": WIDGET_TYPES[(n.type, w)], "widget": {"name": w},
+                               "link": in_link[(n.id, w)]})
+        outputs = [{"name": name, "type": typ, "links": out_links.get((n.id, i), []), "slot_index": i}
+                   for i, (name, typ) in enumerate(t.outputs)]
+        node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {},
+                "order": order[n.id], "mode": 0, "inputs": inputs, "outputs": outputs}
+        if n.title:
+            node["title"] = n.title
+        node["properties"] = {} if t.virtual else {"Node name for S&R": n.type}
+        if t.core and not t.virtual:
+            node["properties"].update({"cnr_id": "comfy-core", "ver": "0.3.64"})
+        node["widgets_values"] = widgets_values(n)
+        if n.color:
+            node["color"] = n.color
+        if n.bgcolor:
+            node["bgcolor"] = n.bgcolor
+        ui_nodes.append(node)
+    return {
+        "last_node_id": max(by_id),
+        "last_link_id": len(links),
+        "nodes": ui_nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.75, "offset": [520, 80]}},
+        "version": 0.4,
+    }
+
+
+def build_api(nodes: list[N]) -> dict:
+    _check(nodes)
+    api = {}
+    for n in sorted(nodes, key=lambda n: n.id):
+        t = NODE_TYPES[n.type]
+        if t.virtual:
+            continue
+        inputs = {}
+        for name in [s[0] for s in t.sockets] + list(t.widgets):
+            if name in n.links:
+                src, slot = n.links[name]
+                inputs[name] = [str(src), slot]
+            elif name in n.widgets:
+                inputs[name] = n.widgets[name]
+        entry = {"inputs": inputs, "class_type": n.type}
+        if n.title:
+            entry["_meta"] = {"title": n.title}
+        api[str(n.id)] = entry
+    return api
+
+
+def render(obj) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def expected_files() -> dict[Path, str]:
+    """Every generated file (path -> text)."""
+    files = {}
+    for name, make in WORKFLOWS.items():
+        nodes = make()
+        files[HERE / f"{name}.json"] = render(build_ui(nodes))
+        files[HERE / "api" / f"{name}.json"] = render(build_api(nodes))
+    return files
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 if a file differs")
+    args = ap.parse_args(argv)
+    stale = []
+    for path, text in expected_files().items():
+        current = path.read_text(encoding="utf-8") if path.exists() else None
+        if current != text:
+            stale.append(path)
+            if not args.check:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text, encoding="utf-8")
+    rel = [str(p.relative_to(HERE.parent)) for p in stale]
+    if args.check:
+        if rel:
+            print("out of date (run python workflows/make_workflows.py):", *rel, sep="\n  ")
+            return 1
+        print("workflows are up to date")
+        return 0
+    print("wrote:", *rel, sep="\n  ") if rel else print("nothing to do")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
