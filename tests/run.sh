@@ -38,13 +38,21 @@ if [ -f "$comfy/comfy/model_patcher.py" ]; then
     status=1
   else
     echo "== ComfyUI tier ($comfy, $cpy)"
+    # leave the user's ComfyUI environment as it is: what it lacks goes into a folder of ours,
+    # .test-deps: pytest, and playwright for the browser tier (test_browser.py) where Debian's
+    # chromium is installed (it drives /usr/bin/chromium; no browser is ever downloaded)
+    deps="$root/.test-deps"
     extra=""
-    if ! "$cpy" -c 'import pytest' 2>/dev/null; then
-      # leave the user's ComfyUI environment as it is: pytest goes into a folder of ours
-      "$cpy" -m pip install -q --disable-pip-version-check --target .test-deps pytest >"$reports/pip2.log" 2>&1 \
-        || { cat "$reports/pip2.log"; status=1; }
-      extra="$root/.test-deps"
-    fi
+    for mod in pytest playwright; do
+      [ "$mod" = playwright ] && [ ! -x /usr/bin/chromium ] && continue
+      "$cpy" -c "import $mod" 2>/dev/null && continue
+      extra="$deps"
+      PYTHONPATH="$deps${PYTHONPATH:+:$PYTHONPATH}" "$cpy" -c "import $mod" 2>/dev/null && continue
+      if ! "$cpy" -m pip install -q --disable-pip-version-check --target "$deps" "$mod" >"$reports/pip2.log" 2>&1; then
+        if [ "$mod" = pytest ]; then cat "$reports/pip2.log"; status=1
+        else echo "could not install playwright into .test-deps: the browser tier will be skipped"; fi
+      fi
+    done
     COMFYUI_PATH="$comfy" PYTHONPATH="$extra${PYTHONPATH:+:$PYTHONPATH}" "$cpy" -m pytest tests/comfyui \
       -p no:cacheprovider --junitxml="$reports/comfyui.xml" "$@" || status=1
   fi

@@ -133,7 +133,7 @@ def _ckpt(nid, pos):
 
 
 def _stem_patch(nid, pos, model, attention="stem"):
-    return N(nid, "STEMAttentionPatch", pos, (320, 254),
+    return N(nid, "STEMAttentionPatch", pos, (320, 282),
              {"attention": attention, "num_bases": 256, "em_iters": 5, "tau": 0.01, "seed": 1, "grouping": "whole clip",
               "frames_per_group": 8}, {"model": model}, control={"seed": "fixed"})
 
@@ -176,7 +176,7 @@ def tokenflow_edit():
         _prompt(6, (380, 380), (2, 1), NEGATIVE, "Negative prompt", "red"),
         N(7, "VAEEncode", (380, 570), (210, 46), {}, {"pixels": (3, 0), "vae": (2, 2)}),
         _stem_patch(8, (860, 0), (2, 0)),
-        N(9, "FreeU", (860, 290), (320, 130), {"b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}, {"model": (2, 0)}),
+        N(9, "FreeU", (860, 300), (320, 130), {"b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}, {"model": (2, 0)}),
         N(10, "STEMInvert", (1240, 0), (320, 120), {"steps": 50},
           {"model": (8, 0), "latent": (7, 0), "conditioning": (4, 0)}),
         N(11, "TokenFlowEdit", (1240, 180), (340, 330),
