@@ -60,6 +60,7 @@ NODE_TYPES: dict[str, NodeType] = {
     "CreateVideo": NodeType(("fps",), (("images", "IMAGE", False), ("audio", "AUDIO", True)), (("VIDEO", "VIDEO"),)),
     "SaveVideo": NodeType(("filename_prefix", "format", "codec"), (("video", "VIDEO", False),), ()),
     "Note": NodeType(("text",), (), (), virtual=True),
+    "PreviewImage": NodeType((), (("images", "IMAGE", False),), ()),
     # -- this pack (nodes/) --------------------------------------------------------------------
     "LoadVideoFrames": NodeType(
         ("video", "frame_load_cap", "skip_first_frames", "select_every_nth", "size", "crop"), (),
@@ -68,6 +69,12 @@ NODE_TYPES: dict[str, NodeType] = {
     "STEMAttentionPatch": NodeType(
         ("attention", "num_bases", "em_iters", "tau", "seed", "grouping", "frames_per_group"), (("model", "MODEL", False),),
         (("MODEL", "MODEL"),), control_after=("seed",), core=False),
+    "VideoMetrics": NodeType(
+        ("label_1", "label_2", "label_3", "filename_prefix"),
+        (("source", "IMAGE", False), ("video_1", "IMAGE", False), ("video_2", "IMAGE", True), ("video_3", "IMAGE", True),
+         ("inversion_1", "STEM_INVERSION", True), ("inversion_2", "STEM_INVERSION", True),
+         ("inversion_3", "STEM_INVERSION", True)),
+        (("plot", "IMAGE"), ("table", "STRING")), core=False),
     "STEMInvert": NodeType(
         ("steps",), (("model", "MODEL", False), ("latent", "LATENT", False), ("conditioning", "CONDITIONING", False)),
         (("inversion", "STEM_INVERSION"), ("inverted_latent", "LATENT")), core=False),
@@ -132,10 +139,10 @@ def _ckpt(nid, pos):
     return N(nid, "CheckpointLoaderSimple", pos, (320, 98), {"ckpt_name": DEFAULT_CKPT})
 
 
-def _stem_patch(nid, pos, model, attention="stem"):
+def _stem_patch(nid, pos, model, attention="stem", title=None):
     return N(nid, "STEMAttentionPatch", pos, (320, 282),
              {"attention": attention, "num_bases": 256, "em_iters": 5, "tau": 0.01, "seed": 1, "grouping": "whole clip",
-              "frames_per_group": 8}, {"model": model}, control={"seed": "fixed"})
+              "frames_per_group": 8}, {"model": model}, control={"seed": "fixed"}, title=title)
 
 
 def _prompt(nid, pos, clip, text, title, color=None):
@@ -198,17 +205,22 @@ def tokenflow_edit():
 
 def inversion_reconstruction():
     text = (
-        "STEM inversion vs. plain DDIM inversion\n\n" + NOTE_SETUP +
+        "Per-frame DDIM vs. inflated DDIM vs. STEM inversion (the STEM paper's comparison)\n\n" + NOTE_SETUP +
         "3. Source prompt: what the clip shows.\n\n"
-        "Both inversions run 50 DDIM steps without guidance; each is then sampled back down with STEM "
-        "Reconstruct on the model that inverted it (STEM-patched above, plain below). The closer a "
-        "reconstruction is to the source, the better the inversion: STEM's should flicker less.\n\n"
-        "Output: ComfyUI/output/stem/inversion_compare_*.mp4, three columns: source | STEM | DDIM.\n\n"
-        "Time: four passes of 50 steps (two inversions, two reconstructions); minutes on a GPU at 512, much "
+        "One clip is inverted three ways, 50 DDIM steps without guidance each: plain per-frame attention "
+        "(what editors use today), inflated attention (every frame attends to every frame: memory grows with "
+        "the square of the frame count, and the node refuses a clip that would not fit), and STEM (256 bases "
+        "for the whole clip). Each is sampled back down with STEM Reconstruct on the model that inverted it. "
+        "Video Metrics compares the three with the source: PSNR and SSIM per frame (higher is closer) and a "
+        "warp error (lower is steadier), with each inversion's time and peak memory. With real SD1.5 weights "
+        "STEM should come close to inflated and beat per-frame, at a fraction of inflated's memory.\n\n"
+        "Output: ComfyUI/output/stem/inversion_compare_*.mp4 (source | STEM | DDIM | inflated), the plot in "
+        "the preview, and stem/inversion_metrics_*.csv.\n\n"
+        "Time: six passes of 50 steps (three inversions, three reconstructions); minutes on a GPU at 512, much "
         "longer on a CPU (try size 256, frame_load_cap 16)."
     )
     nodes = [
-        _note(1, (-480, 0), (440, 560), text),
+        _note(1, (-480, 0), (440, 640), text),
         _ckpt(2, (0, 0)),
         _load_clip(3, (0, 150)),
         _prompt(4, (380, 0), (2, 1), "a man is playing tennis", "Source prompt (what the clip shows)"),
@@ -232,9 +244,25 @@ def inversion_reconstruction():
         N(14, "ImageStitch", (2220, 200), (270, 150),
           {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"},
           {"image1": (13, 0), "image2": (12, 0)}, title="source | STEM | DDIM"),
-        _create_video(15, (2220, 400), (14, 0), (3, 2)),
+        _create_video(15, (2220, 620), (21, 0), (3, 2)),
         _save(16, (2540, 0), (15, 0), "stem/inversion_compare", (760, 420),
-              title="Save Video (source | STEM | DDIM)"),
+              title="Save Video (source | STEM | DDIM | inflated)"),
+        _stem_patch(17, (860, 520), (2, 0), attention="inflated", title="STEM Attention Patch (inflated)"),
+        N(18, "STEMInvert", (1240, 520), (320, 120), {"steps": 50},
+          {"model": (17, 0), "latent": (5, 0), "conditioning": (4, 0)}, title="STEM Invert (inflated)"),
+        N(19, "STEMReconstruct", (1620, 520), (300, 110), {}, {"model": (17, 0), "inversion": (18, 0),
+                                                               "source_latent": (5, 0)},
+          title="STEM Reconstruct (inflated)"),
+        N(20, "VAEDecode", (1960, 520), (210, 46), {}, {"samples": (19, 0), "vae": (2, 2)}),
+        N(21, "ImageStitch", (2220, 400), (270, 150),
+          {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"},
+          {"image1": (14, 0), "image2": (20, 0)}, title="source | STEM | DDIM | inflated"),
+        N(22, "VideoMetrics", (1960, 700), (320, 260),
+          {"label_1": "per-frame DDIM", "label_2": "STEM", "label_3": "inflated",
+           "filename_prefix": "stem/inversion_metrics"},
+          {"source": (3, 0), "video_1": (12, 0), "video_2": (9, 0), "video_3": (20, 0),
+           "inversion_1": (10, 0), "inversion_2": (7, 0), "inversion_3": (18, 0)}),
+        N(23, "PreviewImage", (2540, 480), (760, 520), {}, {"images": (22, 0)}, title="Metrics plot"),
     ]
     return nodes
 

@@ -256,6 +256,18 @@ def test_workflow_runs(server, name):
         finally:
             cap.release()
         assert n == FRAMES and h == SIZE, f"{name}: {path.name} has {n} frames of height {h}"
+    for nid in (nid for nid, n in prompt.items() if n["class_type"] == "VideoMetrics"):
+        # issue 5: the three-way comparison's plot is previewed, and its CSV written
+        previews = [i for pid_, n in prompt.items() if n["class_type"] == "PreviewImage"
+                    and n["inputs"]["images"][0] == nid for i in hist["outputs"].get(pid_, {}).get("images", [])]
+        assert len(previews) == 1, f"{name}: metrics plot preview {previews}"
+        item = previews[0]
+        found = list(server.base.rglob(item["filename"]))  # ComfyUI puts its temp folder inside --temp-directory
+        assert len(found) == 1, f"{name}: plot {item} found at {found}"
+        plot = cv2.imread(str(found[0]))
+        assert plot is not None and plot.shape == (512, 768, 3) and (plot < 245).mean() > 0.02
+        csvs = list((server.output / "stem").glob("inversion_metrics_*.csv"))
+        assert csvs and csvs[-1].read_text().count("\n") == 4  # header + per-frame DDIM, STEM, inflated
     executed = [line.strip() for line in server.log.read_text(errors="replace").splitlines()
                 if "Prompt executed in" in line]
     print(f"\n{name}: {seconds:.1f}s on CPU from POST to history; server: {executed[-1] if executed else '?'}")

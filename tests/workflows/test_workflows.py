@@ -42,7 +42,7 @@ NAMES = sorted(GEN.WORKFLOWS)
 # a frontend-only node with one text widget).
 CORE_WIDGET_COUNTS = {
     "CheckpointLoaderSimple": 1, "CLIPTextEncode": 1, "VAEEncode": 0, "VAEDecode": 0, "FreeU": 4,
-    "KSampler": 7, "ImageStitch": 4, "CreateVideo": 1, "SaveVideo": 3, "Note": 1,
+    "KSampler": 7, "ImageStitch": 4, "CreateVideo": 1, "SaveVideo": 3, "Note": 1, "PreviewImage": 0,
 }
 VIRTUAL = {"Note"}  # not sent to the server: no API-format node
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
