@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,20 +34,11 @@ def main() -> None:
     args = ap.parse_args()
     sizes = ["8x64"] if args.quick else args.sizes
 
-    path, skip = H.locate_and_bootstrap()
-    if skip:
-        sys.exit(f"ComfyUI not available: {skip}")
-    import nodes
-
-    base = Path(tempfile.mkdtemp(prefix="stem-bench-modes-"))
-    dirs = H.configure_folders(base)
-    H.init_comfy_nodes()
-    pack = H.load_pack(dirs["custom_nodes"], REPO)
+    pack, model, clip, vae = H.benchmark_session(REPO, "stem-bench-")
     inv_nodes = H.pack_submodule(pack, "nodes.inversion_nodes")
     patch = H.pack_submodule(pack, "nodes.attention_patch")
     metrics = H.pack_submodule(pack, "stem.metrics")
-    name, _ = H.provide_sd15_checkpoint(dirs["checkpoints"])
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
+    import nodes
     source = nodes.CLIPTextEncode().encode(clip, "a red disc and a yellow square moving")[0]
 
     def patched(mode: str):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,21 +40,12 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="*", default=["8x64", "16x128"], help="FRAMESxSIZE cases")
     args = ap.parse_args()
 
-    path, skip = H.locate_and_bootstrap()
-    if skip:
-        sys.exit(f"ComfyUI not available: {skip}")
-    import comfy_extras.nodes_freelunch as freelunch
-    import nodes
-
-    base = Path(tempfile.mkdtemp(prefix="stem-bench-"))
-    dirs = H.configure_folders(base)
-    H.init_comfy_nodes()
-    pack = H.load_pack(dirs["custom_nodes"], REPO)
+    pack, model, clip, vae = H.benchmark_session(REPO, "stem-bench-")
     inv_nodes = H.pack_submodule(pack, "nodes.inversion_nodes")
     patch = H.pack_submodule(pack, "nodes.attention_patch")
     tf = H.pack_submodule(pack, "nodes.tokenflow_edit")
-    name, _ = H.provide_sd15_checkpoint(dirs["checkpoints"])
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
+    import comfy_extras.nodes_freelunch as freelunch
+    import nodes
     enc = nodes.CLIPTextEncode()
     source = enc.encode(clip, "a man is playing tennis")[0]
     target = enc.encode(clip, "spider-man is playing tennis")[0]
@@ -65,7 +55,7 @@ def main() -> None:
     edit_model = freelunch.FreeU().patch(model, **FREEU)[0]
     S = args.steps
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; ComfyUI at {path}; {S} steps a run\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; ComfyUI at {H.comfyui_path()}; {S} steps a run\n")
     print("| clip | vanilla inversion | STEM inversion | STEM / vanilla | reconstruction | TokenFlow Edit | recon error vanilla | recon error STEM |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     with torch.inference_mode():

@@ -681,3 +681,22 @@ def write_video_clip(path, frames: int = 8, width: int = 64, height: int = 64, f
         w.release()
     return rgb
 
+
+
+def benchmark_session(repo_root: Path, prefix: str):
+    """For the scripts in benchmarks/: ComfyUI in CPU mode, temp folders, the core extra nodes,
+    this repo loaded as a custom node pack and the random SD1.5 checkpoint loaded.
+    Returns (pack, model, clip, vae); exits with the reason when ComfyUI is not available."""
+    import tempfile
+
+    _, skip = locate_and_bootstrap()
+    if skip:
+        sys.exit(f"ComfyUI not available: {skip}")
+    import nodes
+
+    dirs = configure_folders(Path(tempfile.mkdtemp(prefix=prefix)))
+    init_comfy_nodes()
+    pack = load_pack(dirs["custom_nodes"], repo_root)
+    name, _ = provide_sd15_checkpoint(dirs["checkpoints"])
+    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
+    return pack, model, clip, vae
