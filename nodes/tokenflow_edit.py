@@ -6,10 +6,12 @@ conds (target, negative, source), so FreeU, LoRA and ControlNet keep working; th
 branch has its own latent (the inversion's), which an APPLY_MODEL wrapper swaps into the
 source rows. Where ComfyUI cannot batch the conds together (memory, a ControlNet on only
 some conds) and runs an edit branch before the source, the pass is redone as two calls,
-source first, for the rest of the run: slower, still exact.
+source first, for the rest of the run: slower, still exact. A ControlNet or T2I-Adapter hint
+with one image per frame is cut to each pass's frames (:func:`frame_hints`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -65,6 +67,7 @@ class EditState:
         self.source_input: torch.Tensor | None = None  # the source latent of the current frames
         self.split_calls = False
         self.keyframes: torch.Tensor | None = None
+        self.num_frames = 0  # frames in the clip being edited
         self.calls: dict = {}  # (step, mode, hook, block key) -> count, for tests and debugging
         self.reset()
 
@@ -254,14 +257,57 @@ def edit_levels(inv: Inversion, steps: int) -> tuple[list[int], list[float]]:
     return ts, levels
 
 
+def _controls(conds: dict):
+    """Every ControlNet / T2I-Adapter object in the guider's conds, chains included, once each."""
+    seen = {}
+    for cond_list in conds.values():
+        for c in cond_list or ():
+            control = c.get("control") if isinstance(c, dict) else None
+            while control is not None and id(control) not in seen:
+                seen[id(control)] = control
+                control = getattr(control, "previous_controlnet", None)
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def frame_hints(conds: dict, frames, num_frames: int):
+    """Give a pass over some of the clip's frames those frames' control hints.
+
+    ComfyUI fits a hint batch to a UNet call by taking its first rows, which is right when a
+    sampler sees every frame at once. TokenFlow's passes see a subset (the keyframes, then each
+    batch), so a hint with one image per frame is cut to ``frames`` for the pass and put back
+    afterwards (the control objects belong to the conditioning, which ComfyUI caches). A single
+    hint image, or a hint batch of another length, is left to ComfyUI.
+    """
+    saved = []
+    if num_frames > 1:
+        for control in _controls(conds):
+            hint = getattr(control, "cond_hint_original", None)
+            if isinstance(hint, torch.Tensor) and hint.shape[0] == num_frames:
+                saved.append((control, hint))
+                control.cond_hint_original = hint[frames]
+                control.cond_hint = None  # recomputed from the frames' hints by get_control
+    try:
+        yield
+    finally:
+        for control, hint in saved:
+            control.cond_hint_original = hint
+            control.cond_hint = None
+
+
 def tokenflow_guider(model, state: EditState, inv: Inversion, source_cond, positive, negative, cfg: float, timesteps, seed: int):
     import comfy.samplers
 
     generator = torch.Generator().manual_seed(int(seed))
 
     class TokenFlowGuider(comfy.samplers.CFGGuider):
-        def run_pass(self, mode, x, src, ts, model_options):
-            """One pass over some frames: all three branches, in one call where ComfyUI can."""
+        def run_pass(self, mode, frames, x, src, ts, model_options):
+            """One pass over ``frames`` of the clip (``x``, ``src`` and ``ts`` are already cut
+            to them): all three branches, in one call where ComfyUI can."""
+            with frame_hints(self.conds, frames, state.num_frames):
+                return self._run_pass(mode, x, src, ts, model_options)
+
+        def _run_pass(self, mode, x, src, ts, model_options):
             state.mode = mode
             state.source_input = src
             state.nn, state.features = {}, None  # never let a branch read the previous pass's
@@ -282,14 +328,15 @@ def tokenflow_guider(model, state: EditState, inv: Inversion, source_cond, posit
             src = self.inner_model.process_latent_in(inv.latent_at(timesteps[state.step]).to(x.device, x.dtype))
             state.reset()
             state.keyframes = sample_keyframes(F, bs, generator)
+            state.num_frames = F
             kf = state.keyframes.tolist()
-            self.run_pass("kf", x[kf], src[kf], timestep[: len(kf)], model_options)  # output discarded (§5.3)
+            self.run_pass("kf", kf, x[kf], src[kf], timestep[: len(kf)], model_options)  # output discarded (§5.3)
             denoised = torch.empty_like(x)
             for b, frames in enumerate(batch_ranges(F, bs)):
                 interrupted()
                 sl = slice(frames.start, frames.stop)
                 state.batch = b
-                cond, uncond, _ = self.run_pass("prop", x[sl], src[sl], timestep[sl], model_options)
+                cond, uncond, _ = self.run_pass("prop", sl, x[sl], src[sl], timestep[sl], model_options)
                 if cfg == 1.0:
                     denoised[sl] = cond
                 else:

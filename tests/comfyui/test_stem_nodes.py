@@ -281,6 +281,72 @@ def test_edit_refuses_bad_inputs_clearly(sd, inversions):
         sd.inv.STEMReconstruct().reconstruct(sd.model, inv, source_latent=small)
 
 
+def random_controlnet(sd):
+    """An SD1.5-shaped ControlNet built from ComfyUI's own classes, seeded random weights."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management
+    import comfy.ops
+
+    cfg = dict(sd.model.model.model_config.unet_config)
+    cfg.pop("out_channels", None)
+    cfg.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device=torch.device("cpu"))
+    net = comfy.cldm.cldm.ControlNet(**cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return comfy.controlnet.ControlNet(net, load_device=comfy.model_management.get_torch_device(), manual_cast_dtype=None)
+
+
+def test_tokenflow_passes_get_their_own_frames_controlnet_hints(sd, inversions, monkeypatch):
+    """A ControlNet with one hint per frame: every keyframe and propagation pass sees the hints
+    of its own frames (ComfyUI alone would hand each pass the first hints of the clip), the
+    hint batch is put back afterwards, and the ControlNet changes the edit."""
+    import nodes
+
+    inv = inversions["stem"][1]
+    F = sd.latent["samples"].shape[0]
+    control = random_controlnet(sd)
+    # an IMAGE batch in which frame i is flat at (i + 1) / (F + 1), so a hint names its frame
+    hint = (torch.arange(1, F + 1, dtype=torch.float32) / (F + 1)).view(F, 1, 1, 1).expand(F, 64, 64, 3).contiguous()
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(sd.positive, sd.negative, control, hint, 1.0, 0.0, 1.0)[:2]
+    applied = pos[0][1]["control"]
+    original_hint = applied.cond_hint_original
+
+    net = applied.control_model
+    real_forward = net.forward
+    seen = []
+
+    def recording_forward(x, hint, *args, **kw):
+        seen.append([round(v * (F + 1)) - 1 for v in hint[:, 0, 0, 0].tolist()])
+        return real_forward(x, hint, *args, **kw)
+
+    monkeypatch.setattr(net, "forward", recording_forward)
+    keyframes = []
+    real_sample = sd.tf.sample_keyframes
+
+    def recording_sample(*args, **kw):
+        kf = real_sample(*args, **kw)
+        keyframes.append(kf.tolist())
+        return kf
+
+    monkeypatch.setattr(sd.tf, "sample_keyframes", recording_sample)
+    out, state = sd.tf.tokenflow_edit(sd.model, inv, pos, neg, batch_size=4, seed=3, steps=2)
+
+    expected = [frames for kf in keyframes for frames in (kf, [0, 1, 2, 3], [4, 5, 6, 7])]
+    passes = []
+    for call in seen:  # positive and negative share the ControlNet: one call, the frames twice
+        n = len(call)
+        frames = next(call[:k] for k in range(1, n + 1) if n % k == 0 and call == call[:k] * (n // k))
+        if not passes or passes[-1] != frames:  # a pass redone source-first repeats its frames
+            passes.append(frames)
+    assert len(keyframes) == 2 and passes == expected
+    assert applied.cond_hint_original is original_hint
+    plain, _ = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=4, seed=3, steps=2)
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
+
+
 def test_unsupported_model_family_is_refused(sd):
     import comfy.supported_models as sm
 
