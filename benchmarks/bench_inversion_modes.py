@@ -8,6 +8,8 @@ frames. With random weights the PSNR is a plumbing check, not the paper's qualit
     COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python benchmarks/bench_inversion_modes.py --quick
     COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python benchmarks/bench_inversion_modes.py --sizes 8x256 8x512 --steps 1
     ... --memory-frames 8 16 32 --memory-size 128      # how memory grows with frames, inflated vs stem
+    ... --sizes 8x512 --steps 1 --modes per-frame stem  # the 512x512 target without the slow inflated run
+    ... --comfy-attention pytorch   # per-frame on SDPA, ComfyUI's choice on NVIDIA (sub_quad on a CPU)
 """
 from __future__ import annotations
 
@@ -29,6 +31,11 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="*", default=["8x64", "8x256", "8x512"], help="FRAMESxSIZE cases")
     ap.add_argument("--quick", action="store_true", help="only 8 frames at 64x64")
     ap.add_argument("--steps", type=int, default=2, help="inversion steps per run (time is per step)")
+    ap.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="attention modes to run")
+    ap.add_argument("--comfy-attention", default="default", choices=["default", "pytorch", "sub_quad", "split"],
+                    help="ComfyUI's attention for SD's own layers (the per-frame mode): 'default' is what ComfyUI "
+                         "picks for the device (sub_quad on a CPU), 'pytorch' what it picks on NVIDIA GPUs "
+                         "(as with --use-pytorch-cross-attention)")
     ap.add_argument("--memory-frames", nargs="*", type=int, default=[], help="frame counts for the memory-growth table")
     ap.add_argument("--memory-size", type=int, default=128, help="frame size for the memory-growth table")
     args = ap.parse_args()
@@ -38,13 +45,19 @@ def main() -> None:
     inv_nodes = H.pack_submodule(pack, "nodes.inversion_nodes")
     patch = H.pack_submodule(pack, "nodes.attention_patch")
     metrics = H.pack_submodule(pack, "stem.metrics")
+    import comfy.ldm.modules.attention as comfy_attention
     import nodes
+    if args.comfy_attention != "default":  # CrossAttention looks these up at every call
+        fn = comfy_attention.get_attention_function(args.comfy_attention)
+        comfy_attention.optimized_attention = comfy_attention.optimized_attention_masked = fn
+    attention_name = comfy_attention.optimized_attention.__name__
     source = nodes.CLIPTextEncode().encode(clip, "a red disc and a yellow square moving")[0]
 
     def patched(mode: str):
         return patch.apply_attention_patch(model, dict(patch.DEFAULT_SETTINGS, attention=mode))
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.steps} inversion steps a run\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.steps} inversion steps a run; "
+          f"ComfyUI's own attention: {attention_name}\n")
     print("| clip | mode | inversion s/step | peak MiB | reconstruction PSNR (dB) |")
     print("|---|---|---:|---:|---:|")
     with torch.inference_mode():
@@ -53,7 +66,7 @@ def main() -> None:
             F, size = (int(v) for v in case.split("x"))
             frames = torch.from_numpy(H.synth_frames(F, size, size)).float() / 255.0
             latent = nodes.VAEEncode().encode(vae, frames)[0]["samples"]
-            for mode in MODES:
+            for mode in args.modes:
                 m = patched(mode)
                 try:
                     inv = inv_nodes.invert(m, latent, source, args.steps)
@@ -67,13 +80,13 @@ def main() -> None:
                       f"{inv.settings['peak_mib']:.0f} | {p:.2f} |", flush=True)
         if args.memory_frames:
             print(f"\nPeak memory of a 1-step inversion at {args.memory_size}x{args.memory_size} (MiB):\n")
-            print("| frames | " + " | ".join(MODES) + " |")
-            print("|---|" + "---:|" * len(MODES))
+            print("| frames | " + " | ".join(args.modes) + " |")
+            print("|---|" + "---:|" * len(args.modes))
             for F in args.memory_frames:
                 frames = torch.from_numpy(H.synth_frames(F, args.memory_size, args.memory_size)).float() / 255.0
                 latent = nodes.VAEEncode().encode(vae, frames)[0]["samples"]
                 cells = []
-                for mode in MODES:
+                for mode in args.modes:
                     try:
                         cells.append(f"{inv_nodes.invert(patched(mode), latent, source, 1).settings['peak_mib']:.0f}")
                     except ValueError:
