@@ -332,7 +332,7 @@ def test_tokenflow_passes_get_their_own_frames_controlnet_hints(sd, inversions, 
         return kf
 
     monkeypatch.setattr(sd.tf, "sample_keyframes", recording_sample)
-    out, state = sd.tf.tokenflow_edit(sd.model, inv, pos, neg, batch_size=4, seed=3, steps=2)
+    out, _ = sd.tf.tokenflow_edit(sd.model, inv, pos, neg, batch_size=4, seed=3, steps=2)
 
     expected = [frames for kf in keyframes for frames in (kf, [0, 1, 2, 3], [4, 5, 6, 7])]
     passes = []
