@@ -281,6 +281,30 @@ def test_edit_refuses_bad_inputs_clearly(sd, inversions):
         sd.inv.STEMReconstruct().reconstruct(sd.model, inv, source_latent=small)
 
 
+def test_weight_patches_reach_the_layers_tokenflow_wraps(sd, inversions, monkeypatch):
+    """A LoRA is a weight patch on the MODEL; one on a layer inside the module TokenFlow Edit
+    replaces with add_object_patch (output_blocks.4.0.out_layers) is applied during the edit,
+    and the upstream model keeps no patch."""
+    key = f"{sd.tf.PNP_FEATURE_MODULE}.3.weight"
+    weight = sd.model.model_state_dict()[key]
+    patched = sd.model.clone()
+    assert patched.add_patches({key: (-weight.clone(),)}, 1.0) == [key]  # W + (-W): the layer's weight is 0
+    seen = []
+    real_forward = sd.tf.FeatureInjection.forward
+
+    def recording_forward(self, h):
+        seen.append(self[3].weight.detach().abs().max().item())
+        return real_forward(self, h)
+
+    monkeypatch.setattr(sd.tf.FeatureInjection, "forward", recording_forward)
+    inv = inversions["stem"][1]
+    sd.tf.tokenflow_edit(patched, inv, sd.positive, sd.negative, batch_size=8, seed=1, steps=2)
+    assert seen and max(seen) == 0.0
+    seen.clear()
+    sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, seed=1, steps=2)
+    assert seen and min(seen) > 0.0 and key not in sd.model.patches
+
+
 def random_controlnet(sd):
     """An SD1.5-shaped ControlNet built from ComfyUI's own classes, seeded random weights."""
     import comfy.cldm.cldm
