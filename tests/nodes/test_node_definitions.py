@@ -6,34 +6,18 @@ proves that the root ``__init__.py`` imports without the host. A stand-in ``fold
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-PACK = "comfyui_stem_unit"
-
-
-def _load_pack():
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[PACK]
-        raise
-    return module
+from unit_imports import PACK, load_pack
 
 
 @pytest.fixture(scope="module")
 def pack():
-    return _load_pack()
+    return load_pack()
 
 
 @pytest.fixture
@@ -58,7 +42,7 @@ def fake_folder_paths(tmp_path, monkeypatch):
 
 
 def _nodes():
-    return sorted(_load_pack().NODE_CLASS_MAPPINGS.items())
+    return sorted(load_pack().NODE_CLASS_MAPPINGS.items())
 
 
 def test_pack_imports_without_comfyui(pack):

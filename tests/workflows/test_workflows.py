@@ -6,7 +6,6 @@ INPUT_TYPES, every link joins matching types, and each API file is its UI file's
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import types
@@ -14,26 +13,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from unit_imports import ROOT, load_module, load_pack
+
 WF = ROOT / "workflows"
-PACK = "comfyui_stem_unit"  # the name tests/nodes/test_node_definitions.py loads the pack under
 
 
-def _load(name, path, **kw):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path, **kw)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return mod
-
-
-GEN = _load("stem_make_workflows", WF / "make_workflows.py")
+GEN = load_module("stem_make_workflows", WF / "make_workflows.py")
 NAMES = sorted(GEN.WORKFLOWS)
 
 # Core node types the workflows may use, with the number of widgets_values the frontend saves
@@ -65,7 +50,7 @@ def pack(tmp_path_factory):
     old = sys.modules.get("folder_paths")
     sys.modules["folder_paths"] = fp
     try:
-        mod = _load(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        mod = load_pack()
         yield types.SimpleNamespace(
             mappings=mod.NODE_CLASS_MAPPINGS,
             input_types={k: c.INPUT_TYPES() for k, c in mod.NODE_CLASS_MAPPINGS.items()},
