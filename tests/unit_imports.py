@@ -28,3 +28,27 @@ def load_module(name: str, path: Path, **kw):
 
 def load_pack():
     return load_module(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+
+
+def stand_in_folder_paths(base: Path):
+    """A stand-in for ComfyUI's ``folder_paths`` over empty ``input``/``output``/``temp``
+    folders made under ``base`` (the only host module the pack's INPUT_TYPES read).
+    Returns ``(module, dirs)``; names may carry ComfyUI's `` [output]`` style annotation."""
+    import types
+
+    dirs = {kind: base / kind for kind in ("input", "output", "temp")}
+    for d in dirs.values():
+        d.mkdir()
+    fp = types.ModuleType("folder_paths")
+    fp.get_input_directory = lambda: str(dirs["input"])
+    fp.get_output_directory = lambda: str(dirs["output"])
+    fp.get_directory_by_type = lambda kind: str(dirs[kind]) if kind in dirs else None
+
+    def get_annotated_filepath(name, default_dir=None):
+        for kind in dirs:
+            if name.endswith(f" [{kind}]"):
+                return str(dirs[kind] / name[: -len(kind) - 3])
+        return str(Path(default_dir or dirs["input"]) / name)
+
+    fp.get_annotated_filepath = get_annotated_filepath
+    return fp, dirs

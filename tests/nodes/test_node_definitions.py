@@ -7,12 +7,10 @@ proves that the root ``__init__.py`` imports without the host. A stand-in ``fold
 from __future__ import annotations
 
 import sys
-import types
-from pathlib import Path
 
 import pytest
 
-from unit_imports import PACK, load_pack
+from unit_imports import PACK, load_pack, stand_in_folder_paths
 
 
 @pytest.fixture(scope="module")
@@ -22,21 +20,7 @@ def pack():
 
 @pytest.fixture
 def fake_folder_paths(tmp_path, monkeypatch):
-    dirs = {"input": tmp_path / "input", "output": tmp_path / "output", "temp": tmp_path / "temp"}
-    for d in dirs.values():
-        d.mkdir()
-    fp = types.ModuleType("folder_paths")
-    fp.get_input_directory = lambda: str(dirs["input"])
-    fp.get_output_directory = lambda: str(dirs["output"])
-    fp.get_directory_by_type = lambda kind: str(dirs[kind]) if kind in dirs else None
-
-    def get_annotated_filepath(name, default_dir=None):
-        for kind in dirs:
-            if name.endswith(f" [{kind}]"):
-                return str(dirs[kind] / name[: -len(kind) - 3])
-        return str(Path(default_dir or dirs["input"]) / name)
-
-    fp.get_annotated_filepath = get_annotated_filepath
+    fp, dirs = stand_in_folder_paths(tmp_path)
     monkeypatch.setitem(sys.modules, "folder_paths", fp)
     return dirs
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
-from unit_imports import ROOT, load_module, load_pack
+from unit_imports import ROOT, load_module, load_pack, stand_in_folder_paths
 
 WF = ROOT / "workflows"
 
@@ -38,15 +37,7 @@ SOCKET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 def pack(tmp_path_factory):
     """The pack loaded without ComfyUI, with a stand-in folder_paths (empty folders) for the
     file-listing INPUT_TYPES."""
-    base = tmp_path_factory.mktemp("folders")
-    dirs = {k: base / k for k in ("input", "output", "temp")}
-    for d in dirs.values():
-        d.mkdir()
-    fp = types.ModuleType("folder_paths")
-    fp.get_input_directory = lambda: str(dirs["input"])
-    fp.get_output_directory = lambda: str(dirs["output"])
-    fp.get_directory_by_type = lambda kind: str(dirs[kind]) if kind in dirs else None
-    fp.get_annotated_filepath = lambda name, default_dir=None: str(Path(default_dir or dirs["input"]) / name)
+    fp, _ = stand_in_folder_paths(tmp_path_factory.mktemp("folders"))
     old = sys.modules.get("folder_paths")
     sys.modules["folder_paths"] = fp
     try:
