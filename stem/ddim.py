@@ -11,8 +11,9 @@ DDIM with eta = 0 is exactly an Euler step of the probability-flow ODE in sigma,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -80,16 +81,14 @@ class DDIMSchedule:
         return cls(ts, sig, float(sigma_from_abar(abar[0])))
 
     @property
-    def sampling_levels(self) -> list[tuple[int, float, float]]:
-        """``(timestep, sigma, sigma_next)`` per sampling step, noisiest first."""
-        nxt = [*self.sigmas.tolist()[1:], self.final_sigma]
-        return list(zip(self.timesteps, self.sigmas.tolist(), nxt))
+    def sampling_sigmas(self) -> list[float]:
+        """The levels :func:`ddim_sample` walks: every step's sigma, then the final one."""
+        return [*self.sigmas.tolist(), self.final_sigma]
 
     @property
-    def inversion_levels(self) -> list[tuple[int, float, float]]:
-        """``(timestep, sigma_prev, sigma)`` per inversion step, cleanest first: the model
-        sees the latent at ``sigma_prev`` with the target timestep (REFERENCE §3)."""
-        return [(t, s_next, s) for t, s, s_next in reversed(self.sampling_levels)]
+    def inversion_sigmas(self) -> list[float]:
+        """The levels :func:`ddim_invert` walks: the clean latent's, then every step's."""
+        return list(reversed(self.sampling_sigmas))
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
@@ -102,73 +101,76 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, sigma_from: float, sigma_to: f
     return x + (sigma_to - sigma_from) * eps
 
 
-def eps_from_model_output(
-    output: torch.Tensor, x_vp: torch.Tensor, abar: float | torch.Tensor, prediction: str = "eps"
-) -> torch.Tensor:
-    """The noise estimate from a model's raw output on the VP latent ``x_vp`` at level abar.
-
-    ``eps``: the output is the noise. ``v``: ``v = sqrt(abar) eps - sqrt(1-abar) x0`` with
-    ``x_vp = sqrt(abar) x0 + sqrt(1-abar) eps``, so ``eps = sqrt(abar) v + sqrt(1-abar) x_vp``.
-    """
-    if prediction == "eps":
-        return output
-    if prediction == "v":
-        a = torch.as_tensor(abar, dtype=torch.float64)
-        return float(a.sqrt()) * output + float((1 - a).sqrt()) * x_vp
-    raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
-
-
 def to_vp(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """k-diffusion latent at ``sigma`` to its VP form ``x / sqrt(1 + sigma^2)``."""
-    return x / (1.0 + sigma**2) ** 0.5
+    return x / math.sqrt(1.0 + sigma**2)
 
 
 def from_vp(x_vp: torch.Tensor, sigma: float) -> torch.Tensor:
     """VP latent at ``sigma`` to k-diffusion form ``x_vp * sqrt(1 + sigma^2)``."""
-    return x_vp * (1.0 + sigma**2) ** 0.5
+    return x_vp * math.sqrt(1.0 + sigma**2)
 
 
-# eps_fn(x_vp, timestep, step_index) -> eps; the model always sees a VP latent.
-EpsFn = Callable[[torch.Tensor, int, int], torch.Tensor]
+def rescale(x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
+    """The k-diffusion latent at ``sigma_to`` whose VP form is that of ``x`` at ``sigma_from``:
+    ``from_vp(to_vp(x, sigma_from), sigma_to)`` with one rounding instead of two."""
+    return x * (math.sqrt(1.0 + sigma_to**2) / math.sqrt(1.0 + sigma_from**2))
+
+
+# eps_fn(x, sigma) -> eps: the noise estimate for the k-diffusion latent ``x`` at level
+# ``sigma`` (the network sees its VP form ``x / sqrt(1 + sigma^2)`` with sigma's timestep).
+EpsFn = Callable[[torch.Tensor, float], torch.Tensor]
+# callback(i, x, x0_hat): after step i, the new latent and the step's clean-latent estimate
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def eps_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The noise estimate from a k-diffusion denoiser's output, ``(x - D(x, sigma)) / sigma``.
+
+    ComfyUI's model wrapper returns ``D`` whatever the network predicts (eps, v), so this one
+    conversion serves every parameterisation it supports.
+    """
+    return (x - denoised) / sigma
 
 
 def ddim_invert(
-    x0: torch.Tensor,
-    eps_fn: EpsFn,
-    schedule: DDIMSchedule,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
-) -> list[torch.Tensor]:
-    """DDIM inversion (REFERENCE §3) of the clean latent ``x0`` (VAE mean * 0.18215).
+    x0: torch.Tensor, eps_fn: EpsFn, sigmas: Sequence[float], callback: StepCallback | None = None
+) -> torch.Tensor:
+    """DDIM inversion (REFERENCE §3) of the clean VP latent ``x0`` (VAE mean * 0.18215).
 
-    Returns the k-diffusion latents after each step, cleanest first, so that ``[-1]`` is the
-    noisiest latent at ``schedule.sigmas[0]`` and entry ``i`` sits at
-    ``schedule.sigmas[-1 - i]``. No guidance: ``eps_fn`` is the conditional branch.
+    ``sigmas`` rise: ``[sigma(abar[0]), sigma(t_1), ..., sigma(t_S)]``
+    (:attr:`DDIMSchedule.inversion_sigmas`). Step i feeds the model the latent at level
+    ``sigmas[i]`` together with the target level ``sigmas[i+1]`` (the reference's timestep t):
+    in k-diffusion form that is ``x_in`` at ``sigmas[i+1]`` whose VP form is the current VP
+    latent. No guidance: ``eps_fn`` is the conditional branch. Returns the k-diffusion latent
+    at ``sigmas[-1]``; ``callback`` sees every step's latent (the trajectory).
     """
-    x = from_vp(x0, schedule.final_sigma)  # the clean latent counts as level abar[0]
-    out = []
-    for i, (t, sigma_prev, sigma) in enumerate(schedule.inversion_levels):
-        eps = eps_fn(to_vp(x, sigma_prev), t, i)
+    x = from_vp(x0, sigmas[0])  # the clean latent counts as level abar[0]
+    for i in range(len(sigmas) - 1):
+        sigma_prev, sigma = float(sigmas[i]), float(sigmas[i + 1])
+        x_in = rescale(x, sigma_prev, sigma)  # the latent at sigma_prev, seen at timestep t
+        eps = eps_fn(x_in, sigma)
         x = ddim_step(x, eps, sigma_prev, sigma)
-        out.append(x)
         if callback is not None:
-            callback(i, x)
-    return out
+            callback(i, x, x_in - sigma * eps)
+    return x
 
 
 def ddim_sample(
-    x: torch.Tensor,
-    eps_fn: EpsFn,
-    schedule: DDIMSchedule,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
+    x: torch.Tensor, eps_fn: EpsFn, sigmas: Sequence[float], callback: StepCallback | None = None
 ) -> torch.Tensor:
-    """Plain DDIM sampling from the k-diffusion latent ``x`` at ``schedule.sigmas[0]``.
+    """Plain DDIM (eta = 0) from the k-diffusion latent ``x`` at ``sigmas[0]`` down the falling
+    ``sigmas``, whose last entry is the final level ``abar[0]``
+    (:attr:`DDIMSchedule.sampling_sigmas`).
 
-    Returns the VP latent at the final level ``abar[0]``, which is what the reference hands
-    to the VAE (``x * sqrt(abar[0])``).
+    Returns the VP latent at that final level, which is what the reference hands to the VAE
+    (``x * sqrt(abar[0])``, REFERENCE §3).
     """
-    for i, (t, sigma, sigma_next) in enumerate(schedule.sampling_levels):
-        eps = eps_fn(to_vp(x, sigma), t, i)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        eps = eps_fn(x, sigma)
+        x0_hat = x - sigma * eps
         x = ddim_step(x, eps, sigma, sigma_next)
         if callback is not None:
-            callback(i, x)
-    return to_vp(x, schedule.final_sigma)
+            callback(i, x, x0_hat)
+    return to_vp(x, float(sigmas[-1]))

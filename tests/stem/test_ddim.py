@@ -10,7 +10,7 @@ from stem.ddim import (
     ddim_sample,
     ddim_step,
     ddim_timesteps,
-    eps_from_model_output,
+    eps_from_denoised,
     from_vp,
     scaled_linear_alphas_cumprod,
     sigma_from_abar,
@@ -61,7 +61,8 @@ def test_sampling_step_equals_diffusers_step_in_vp_form(steps):
     sched.set_timesteps(steps)
     ours = DDIMSchedule.create(steps)
     g = torch.Generator().manual_seed(0)
-    for t, sigma, sigma_next in ours.sampling_levels[:: max(1, steps // 5)] + ours.sampling_levels[-1:]:
+    levels = list(zip(ours.timesteps, ours.sampling_sigmas, ours.sampling_sigmas[1:]))
+    for t, sigma, sigma_next in levels[:: max(1, steps // 5)] + levels[-1:]:
         x_vp = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
         eps = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
         expected = sched.step(eps, t, x_vp, eta=0.0).prev_sample
@@ -89,15 +90,75 @@ def nonlinear_eps(x_vp, t, i):
     return torch.tanh(x_vp * (1 + t / 1000)) + 0.1 * t / 1000
 
 
+def in_sigma_form(vp_fn, sched):
+    """An eps function of (k-diffusion latent, sigma), as the loops take it, from one of
+    (VP latent, timestep, call index), as the reference calls its UNet."""
+    by_sigma = dict(zip(sched.sigmas.tolist(), sched.timesteps))
+    calls = []
+
+    def eps_fn(x, sigma):
+        calls.append(sigma)
+        return vp_fn(to_vp(x, sigma), by_sigma[sigma], len(calls) - 1)
+
+    return eps_fn
+
+
+def invert(x0, vp_fn, sched):
+    """ddim_invert, and every step's latent (cleanest first) through its callback."""
+    traj = []
+    last = ddim_invert(x0, in_sigma_form(vp_fn, sched), sched.inversion_sigmas, lambda i, x, x0_hat: traj.append(x))
+    assert traj[-1] is last
+    return traj
+
+
+def sample(x, vp_fn, sched):
+    return ddim_sample(x, in_sigma_form(vp_fn, sched), sched.sampling_sigmas)
+
+
 def test_inversion_matches_reference_vp_formulas_at_every_step():
     x0 = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     sched = DDIMSchedule.create(20)
-    ours = ddim_invert(x0, nonlinear_eps, sched)
+    ours = invert(x0, nonlinear_eps, sched)
     ref = reference_invert(x0, nonlinear_eps, 20)
     levels = list(reversed(sched.sigmas.tolist()))
     assert len(ours) == len(ref) == 20
     for x, x_ref, sigma in zip(ours, ref, levels):
         torch.testing.assert_close(to_vp(x, sigma), x_ref, rtol=1e-10, atol=1e-10)
+
+
+def reference_sample(x_vp, eps_fn, steps):
+    """diffusers' DDIM step (eta 0, SD 1.5's config) written out in VP form."""
+    abar = scaled_linear_alphas_cumprod()
+    ts = ddim_timesteps(steps)
+    for i, t in enumerate(ts):
+        a_next = abar[ts[i + 1]] if i + 1 < len(ts) else abar[0]
+        eps = eps_fn(x_vp, t, i)
+        x0_hat = (x_vp - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+        x_vp = a_next.sqrt() * x0_hat + (1 - a_next).sqrt() * eps
+    return x_vp
+
+
+def test_sampling_matches_reference_vp_formulas():
+    sched = DDIMSchedule.create(20)
+    x_vp = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ours = sample(from_vp(x_vp, sched.sampling_sigmas[0]), nonlinear_eps, sched)
+    torch.testing.assert_close(ours, reference_sample(x_vp, nonlinear_eps, 20), rtol=1e-10, atol=1e-10)
+
+
+def test_loop_callbacks_report_the_clean_latent_estimate():
+    sched = DDIMSchedule.create(5)
+    x0 = torch.randn(1, 4, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    seen = []
+    ddim_invert(x0, lambda x, s: torch.full_like(x, 0.5), sched.inversion_sigmas,
+                lambda i, x, x0_hat: seen.append((i, x0_hat)))
+    ddim_sample(x0, lambda x, s: torch.full_like(x, 0.5), sched.sampling_sigmas,
+                lambda i, x, x0_hat: seen.append((i, x0_hat - (x0 - 0.5 * sched.sampling_sigmas[i]))))
+    assert [i for i, _ in seen] == list(range(5)) * 2
+    first = from_vp(x0, sched.final_sigma)  # inversion step 0 sees the clean latent at sigma(t_1)
+    s1 = sched.inversion_sigmas[1]
+    torch.testing.assert_close(seen[0][1], from_vp(to_vp(first, sched.final_sigma), s1) - 0.5 * s1)
+    assert seen[5][1].abs().max() < 1e-12  # sampling step 0: x0_hat = x - sigma * eps
+    torch.testing.assert_close(eps_from_denoised(torch.ones(2), torch.zeros(2), 4.0), torch.full((2,), 0.25))
 
 
 def test_inversion_feeds_the_model_the_previous_level_with_the_target_timestep():
@@ -108,11 +169,11 @@ def test_inversion_feeds_the_model_the_previous_level_with_the_target_timestep()
         return torch.zeros_like(x_vp)
 
     x0 = torch.ones(1, 4, 2, 2, dtype=torch.float64)
-    ddim_invert(x0, spy, DDIMSchedule.create(50))
+    invert(x0, spy, DDIMSchedule.create(50))
     assert [t for t, _ in seen] == list(range(1, 1000, 20))
     # with eps = 0 the k-diffusion latent never moves, so every VP input is x0 / sqrt(abar0) * sqrt(abar_prev)
     abar = scaled_linear_alphas_cumprod()
-    assert torch.allclose(seen[0][1], x0)  # the clean latent enters unchanged at level abar[0]
+    torch.testing.assert_close(seen[0][1], x0, rtol=1e-12, atol=1e-12)  # the clean latent enters unchanged at level abar[0]
     expected_second = x0 / abar[0].sqrt() * abar[1].sqrt()
     torch.testing.assert_close(seen[1][1], expected_second)
 
@@ -129,8 +190,8 @@ def test_invert_then_sample_returns_the_input(steps):
         return noise * (1.0 + t / 1000.0)
 
     sched = DDIMSchedule.create(steps)
-    traj = ddim_invert(x0, eps_fn, sched)
-    back = ddim_sample(traj[-1], eps_fn, sched)
+    traj = invert(x0, eps_fn, sched)
+    back = sample(traj[-1], eps_fn, sched)
     assert (back - x0).abs().max() < 1e-4
     assert (traj[-1] - from_vp(x0, sched.final_sigma)).abs().max() > 1.0  # it did move
 
@@ -147,43 +208,26 @@ def test_invert_then_sample_with_a_data_dependent_model_is_close():
 
     sched = DDIMSchedule.create(50)
     x0 = target * abar[0].sqrt() + 0.01 * torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
-    back = ddim_sample(ddim_invert(x0, eps_fn, sched)[-1], eps_fn, sched)
+    back = sample(invert(x0, eps_fn, sched)[-1], eps_fn, sched)
     err = (back - x0).abs().max().item()
     assert err < 0.05
 
 
-def test_eps_and_v_prediction_give_the_same_inversion():
-    g = torch.Generator().manual_seed(4)
-    x0 = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64)
-    abar = scaled_linear_alphas_cumprod()
-    sched = DDIMSchedule.create(10)
-
-    def eps_model(x_vp, t, i):
-        return torch.sin(x_vp) + t / 1000
-
-    def v_model_as_eps(x_vp, t, i):
-        # a v-prediction network trained on the same data: v = sqrt(a) eps - sqrt(1-a) x0_hat
-        a = abar[t]
-        eps = eps_model(x_vp, t, i)
-        x0_hat = (x_vp - (1 - a).sqrt() * eps) / a.sqrt()
-        v = a.sqrt() * eps - (1 - a).sqrt() * x0_hat
-        return eps_from_model_output(v, x_vp, a, "v")
-
-    a = ddim_invert(x0, eps_model, sched)
-    b = ddim_invert(x0, v_model_as_eps, sched)
-    torch.testing.assert_close(a[-1], b[-1], rtol=1e-9, atol=1e-9)
-    with pytest.raises(ValueError):
-        eps_from_model_output(x0, x0, 0.5, "x0")
+def test_a_one_percent_eps_error_moves_the_inversion_far_beyond_rounding():
+    """The size of the signal the ComfyUI tier's engine check must resolve."""
+    x0 = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    sched = DDIMSchedule.create(4)
+    good = invert(x0, nonlinear_eps, sched)[-1]
+    bad = invert(x0, lambda x, t, i: 1.01 * nonlinear_eps(x, t, i), sched)[-1]
+    assert (good - bad).abs().max() > 1e-3 * good.abs().max()
 
 
 def test_level_tables_are_consistent():
     sched = DDIMSchedule.create(5)
-    samp = sched.sampling_levels
-    inv = sched.inversion_levels
-    assert [t for t, *_ in samp] == [801, 601, 401, 201, 1]
-    assert samp[-1][2] == sched.final_sigma and inv[0][1] == sched.final_sigma
-    assert all(s > s2 for _, s, s2 in samp)
-    assert all(s_prev < s for _, s_prev, s in inv)
+    samp, inv = sched.sampling_sigmas, sched.inversion_sigmas
+    assert sched.timesteps == [801, 601, 401, 201, 1]
+    assert samp[-1] == sched.final_sigma and inv[0] == sched.final_sigma and inv == samp[::-1]
+    assert all(s > s2 for s, s2 in zip(samp, samp[1:]))
 
 
 def test_bad_step_counts_are_refused():
