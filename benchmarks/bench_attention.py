@@ -3,7 +3,7 @@
 At SD1.5's largest self-attention layer (N = 64x64 = 4096 tokens per frame, C = 320 =
 8 heads x d 40) and for F = 4, 8, 16 frames, one run compares:
 
-- (a) per-frame SDPA self-attention, SD's own (``stem.attention.per_frame_attention``);
+- (a) per-frame SDPA self-attention, SD's own (``per_frame_attention`` below);
 - (b) full spatio-temporal attention over all F*N tokens (``stem.attention.full_attention``);
 - (c) ours: ``stem.attention.stem_attention`` (M = 256 bases, R = 5 EM iterations, EM
   included, automatic token chunking, seeded initialisation);
@@ -58,8 +58,16 @@ import torch
 # Importable without PYTHONPATH, also in the spawned workers (they re-run this module's top level).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stem.attention import full_attention, per_frame_attention, stem_attention  # noqa: E402
+from stem.attention import full_attention, stem_attention  # noqa: E402
 from stem.em import DEFAULT_EM_ITERS, DEFAULT_NUM_BASES, DEFAULT_TAU, auto_chunk_size, em_bases, init_bases  # noqa: E402
+
+
+def per_frame_attention(q, k, v, heads):
+    """SD's own self-attention, SDPA inside each frame, on ``[B, N, heads*d]``."""
+    from einops import rearrange
+
+    q, k, v = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
+    return rearrange(torch.nn.functional.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
 
 # SD1.5's largest self-attention layer (the first down and last up blocks at 512x512).
 TOKENS = 64 * 64

@@ -3,7 +3,7 @@
 SD1.5's UNet has 16 self-attentions: 5 at each of the three finest levels (2 in the encoder,
 3 in the decoder) and 1 in the middle block. For a clip of F frames at S x S pixels, level l
 has (S / 8 / 2^l)^2 tokens a frame and 320 / 640 / 1280 / 1280 channels (8 heads). This
-prints, per level, the time of ``stem.attention.per_frame_attention`` (SDPA, SD's own
+prints, per level, the time of ``per_frame_attention`` below (SDPA, SD's own
 attention) and ``stem.attention.stem_attention`` (256 bases, 5 EM iterations, EM included) on
 random q, k, v, with the multiply-adds each needs:
 
@@ -27,8 +27,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stem.attention import per_frame_attention, stem_attention  # noqa: E402
+from stem.attention import stem_attention  # noqa: E402
 from stem.em import DEFAULT_EM_ITERS, DEFAULT_NUM_BASES  # noqa: E402
+
+
+def per_frame_attention(q, k, v, heads):
+    """SD's own self-attention, SDPA inside each frame, on ``[B, N, heads*d]``."""
+    from einops import rearrange
+
+    q, k, v = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
+    return rearrange(torch.nn.functional.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
 
 HEADS = 8
 LEVELS = [(0, 320, 5), (1, 640, 5), (2, 1280, 5), (3, 1280, 1)]  # (level, channels, layers)

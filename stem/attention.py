@@ -5,13 +5,15 @@ concatenated on the channel axis) and returns ``[B, N, heads*d]``, ready for the
 output projection. The batch is ``num_chunks`` equal chunks of consecutive frames, one
 per cond/uncond branch (ComfyUI never splits one cond's frames across a chunk).
 
-- :func:`per_frame_attention`: plain self-attention inside each frame (SD's own).
 - :func:`full_attention`: every frame's queries attend to the keys/values of every frame of
   its group. This is TokenFlow's extended keyframe attention (REFERENCE §5.3) and the
   "inflated" attention of the STEM paper.
 - :func:`stem_attention`: every frame's queries attend to the EM bases of its group
   (REFERENCE §4).
-- :func:`pnp_substitute`: the PnP q/k injection from the source branch (REFERENCE §5.2).
+
+``precision`` (a dtype or None) is the layer's attention precision: the model config's
+``attn_precision`` (SD2.x asks for fp32). When it is wider than ``q``'s dtype the attention
+runs in it and the output is cast back, as ComfyUI's own attention functions do.
 """
 from __future__ import annotations
 
@@ -79,11 +81,17 @@ def _apply_grouped(
     return out
 
 
-def per_frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """SD's own self-attention: each frame's queries attend to that frame's tokens."""
-    q, k, v = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
-    o = F.scaled_dot_product_attention(q, k, v)
-    return rearrange(o, "b h n d -> b n (h d)")
+def _upcast(fn, precision: torch.dtype | None):
+    """``fn(q, k, v)`` computed in ``precision`` (when given and different), output in q's dtype."""
+    if precision is None:
+        return fn
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.dtype == precision:
+            return fn(q, k, v)
+        return fn(q.to(precision), k.to(precision), v.to(precision)).to(q.dtype)
+
+    return run
 
 
 def full_attention(
@@ -93,11 +101,13 @@ def full_attention(
     heads: int,
     num_chunks: int = 1,
     frames_per_group: int | None = None,
+    precision: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Extended (inflated) attention: each frame's queries attend to all ``F*N`` tokens of
     its group. With one group per chunk this is TokenFlow's keyframe attention
     (REFERENCE §5.3). Memory grows with ``(F*N)^2`` unless SDPA picks a fused kernel."""
-    return _apply_grouped(F.scaled_dot_product_attention, q, k, v, heads, num_chunks, frames_per_group)
+    attend = _upcast(F.scaled_dot_product_attention, precision)
+    return _apply_grouped(attend, q, k, v, heads, num_chunks, frames_per_group)
 
 
 def full_attention_bytes(
@@ -126,31 +136,18 @@ def stem_attention(
     tau: float = DEFAULT_TAU,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    precision: torch.dtype | None = None,
 ) -> torch.Tensor:
     """STEM self-attention (REFERENCE §4).
 
     For each group (by default every frame of one chunk), EM estimates ``num_bases`` key
     bases and value bases per head from the group's keys and values, and every frame's
     queries attend to them with ``scaled_dot_product_attention`` (scale ``1/sqrt(d)``).
-    The bases are fp32; the attention runs in the dtype of ``q``.
+    The bases are fp32; the attention runs in the dtype of ``q`` (or ``precision``).
     """
 
     def attend(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor) -> torch.Tensor:
         mu, v_bases = em_bases(kg, vg, num_bases, iters, tau, generator, chunk_size)
         return F.scaled_dot_product_attention(qg, mu.to(qg.dtype), v_bases.to(qg.dtype))
 
-    return _apply_grouped(attend, q, k, v, heads, num_chunks, frames_per_group)
-
-
-def pnp_substitute(x: torch.Tensor, source: torch.Tensor, inject: list[bool]) -> torch.Tensor:
-    """PnP injection (REFERENCE §5.2): replace the queries (or keys) of the chunks marked in
-    ``inject`` with the source branch's.
-
-    x: ``[len(inject)*F, N, C]``, one chunk of F frames per entry of ``inject``;
-    source: ``[F, N, C]``. Values are never substituted, as in the reference.
-    """
-    chunks = rearrange(x, "(c f) n e -> c f n e", c=len(inject))
-    if source.shape != chunks.shape[1:]:
-        raise ValueError(f"source {tuple(source.shape)} does not match a chunk {tuple(chunks.shape[1:])}")
-    mask = torch.tensor(inject, device=x.device).view(-1, 1, 1, 1)
-    return rearrange(torch.where(mask, source.unsqueeze(0).to(x.dtype), chunks), "c f n e -> (c f) n e")
+    return _apply_grouped(_upcast(attend, precision), q, k, v, heads, num_chunks, frames_per_group)

@@ -33,7 +33,7 @@ class Inversion:
     sigmas: ``[S+1]`` the level of each entry: ``sigma(abar[0])``, then one per timestep.
     cond, pooled: the source prompt's conditioning tensor ``[1, T, D]`` and pooled output.
     settings: how it was made (attention mode and its parameters, steps, prediction type,
-        model fingerprint, ...); JSON-serialisable.
+        model family, ...); JSON-serialisable.
     """
 
     latents: torch.Tensor

@@ -8,15 +8,22 @@ keyframe output taken at each token's nearest neighbour (cosine similarity of th
 ``norm1(x)``), blending the keyframes of batch b and b-1.
 
 Notation: F frames in a batch, N tokens per frame, C channels, K keyframes, G branches
-(3 in the reference: source, unconditional, conditional). Everything here is plain torch; the
-host adapter calls :func:`propagate_batch` from inside each transformer block.
+(3 in the reference: source, unconditional, conditional). Everything here is plain torch. The
+host adapter's attention hooks call, in every transformer block:
+- keyframe pass: :func:`keyframe_attention` for each edit branch;
+- propagation pass: :func:`batch_fields` on the source branch's ``norm1(x)``, then
+  :func:`propagate_outputs` in place of the self-attention of every branch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F_nn
 from torch import Tensor
+
+from .attention import full_attention
 
 __all__ = [
     "DEFAULT_SIM_BLOCK_ELEMENTS",
@@ -26,7 +33,10 @@ __all__ = [
     "nearest_neighbour_field",
     "propagation_weights",
     "propagate",
-    "propagate_batch",
+    "keyframe_attention",
+    "NNFields",
+    "batch_fields",
+    "propagate_outputs",
 ]
 
 # Largest similarity block held at once: 2**24 fp32 values = 64 MiB. For N = 4096 keyframe
@@ -217,56 +227,106 @@ def propagate(
     return blended.to(kf_out.dtype)
 
 
+def keyframe_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    source_qk: tuple[Tensor, Tensor] | None = None,
+    precision: torch.dtype | None = None,
+) -> Tensor:
+    """Self-attention of one edit branch in the keyframe pass (REFERENCE §5.2-5.3).
+
+    Args:
+        q, k, v: ``[K, N, heads*d]`` of the branch's K keyframes.
+        heads: attention heads.
+        source_qk: the source branch's ``(q, k)`` of the same keyframes during the PnP window:
+            they replace the branch's queries and keys; its values are kept.
+        precision: the layer's attention precision (see :mod:`stem.attention`).
+
+    Returns:
+        ``[K, N, heads*d]``: every keyframe's queries attend to the tokens of all K keyframes
+        (extended attention). The source branch itself keeps per-frame attention.
+    """
+    if source_qk is not None:
+        sq, sk = source_qk
+        if sq.shape != q.shape or sk.shape != k.shape:
+            raise ValueError(f"source q/k {tuple(sq.shape)} do not match the branch's {tuple(q.shape)}")
+        q, k = sq.to(q.dtype), sk.to(k.dtype)
+    return full_attention(q, k, v, heads, precision=precision)
+
+
+@dataclass(frozen=True)
+class NNFields:
+    """Nearest-neighbour fields of one propagation batch (REFERENCE §5.4).
+
+    ``idx``: ``[F, N]`` indices into keyframe b's tokens; ``idx_prev`` / ``weights``: the same
+    into keyframe b-1 and the ``[F]`` weight of keyframe b, both None for batch 0.
+    """
+
+    batch_index: int
+    idx: Tensor
+    idx_prev: Tensor | None = None
+    weights: Tensor | None = None
+
+
 @torch.no_grad()
-def propagate_batch(
+def batch_fields(
     batch_source: Tensor,
     keyframe_source: Tensor,
-    keyframe_outputs: Tensor,
     batch_index: int,
     batch_size: int,
     keyframes: Tensor | None = None,
     use_true_keyframe_positions: bool = False,
     chunk_size: int | None = None,
-) -> Tensor:
-    """The propagation pass of one transformer block for batch b (REFERENCE §5.4).
+) -> NNFields:
+    """The fields of batch b in one transformer block, from the SOURCE branch (REFERENCE §5.4).
 
     Args:
         batch_source: ``[F, N, C]`` source-branch ``norm1(x)`` of the batch's frames,
             frames ``b*bs .. b*bs+F-1`` (F <= bs; F < bs only for a short last batch).
         keyframe_source: ``[K, N, C]`` source-branch ``norm1(x)`` recorded for all keyframes.
-        keyframe_outputs: ``[G, K, N, C]`` recorded keyframe self-attention outputs per branch.
         batch_index: b.
         batch_size: the nominal batch size bs.
         keyframes: ``[K]`` absolute keyframe indices (only used with
             ``use_true_keyframe_positions``).
         use_true_keyframe_positions: see :func:`propagation_weights`.
         chunk_size: see :func:`nearest_neighbour_field`.
-
-    Returns:
-        ``[G, F, N, C]`` propagated self-attention output, in ``keyframe_outputs``'s dtype.
     """
-    if batch_source.ndim != 3 or keyframe_source.ndim != 3 or keyframe_outputs.ndim != 4:
-        raise ValueError("expected batch_source [F, N, C], keyframe_source [K, N, C], "
-                         "keyframe_outputs [G, K, N, C]")
+    if batch_source.ndim != 3 or keyframe_source.ndim != 3:
+        raise ValueError("expected batch_source [F, N, C] and keyframe_source [K, N, C]")
     n_kf = keyframe_source.shape[0]
-    if keyframe_outputs.shape[1] != n_kf:
-        raise ValueError(f"keyframe_outputs has {keyframe_outputs.shape[1]} keyframes, "
-                         f"keyframe_source {n_kf}")
     if not 0 <= batch_index < n_kf:
         raise ValueError(f"batch_index {batch_index} outside the {n_kf} keyframes")
     if batch_source.shape[0] > batch_size:
         raise ValueError(f"batch of {batch_source.shape[0]} frames exceeds batch_size {batch_size}")
 
     idx = nearest_neighbour_field(batch_source, keyframe_source[batch_index], chunk_size)
-    kf_out = keyframe_outputs[:, batch_index]
     if batch_index == 0:
-        return propagate(kf_out, idx)
-
+        return NNFields(0, idx)
     idx_prev = nearest_neighbour_field(batch_source, keyframe_source[batch_index - 1], chunk_size)
-    frame_indices = batch_index * batch_size + torch.arange(
-        batch_source.shape[0], device=batch_source.device
-    )
-    weights = propagation_weights(
-        frame_indices, batch_index, batch_size, keyframes, use_true_keyframe_positions
-    )
-    return propagate(kf_out, idx, keyframe_outputs[:, batch_index - 1], idx_prev, weights)
+    frame_indices = batch_index * batch_size + torch.arange(batch_source.shape[0], device=batch_source.device)
+    weights = propagation_weights(frame_indices, batch_index, batch_size, keyframes, use_true_keyframe_positions)
+    return NNFields(batch_index, idx, idx_prev, weights)
+
+
+@torch.no_grad()
+def propagate_outputs(outputs_b: Tensor, fields: NNFields, outputs_prev: Tensor | None = None) -> Tensor:
+    """The propagated self-attention of batch b in one transformer block (REFERENCE §5.4).
+
+    Args:
+        outputs_b: ``[G, M, C]`` recorded self-attention output of keyframe b, one row per
+            branch; the same fields serve every branch.
+        fields: :func:`batch_fields` of the batch.
+        outputs_prev: ``[G, M, C]`` the same for keyframe b-1; required for b > 0.
+
+    Returns:
+        ``[G, F, N, C]`` in ``outputs_b``'s dtype.
+    """
+    if outputs_b.ndim != 3:
+        raise ValueError(f"outputs_b must be [G, M, C], got {tuple(outputs_b.shape)}")
+    if fields.batch_index == 0:
+        return propagate(outputs_b, fields.idx)
+    if outputs_prev is None:
+        raise ValueError(f"batch {fields.batch_index} blends keyframes b and b-1: outputs_prev is required")
+    return propagate(outputs_b, fields.idx, outputs_prev, fields.idx_prev, fields.weights)

@@ -35,7 +35,6 @@ __all__ = [
     "load_video",
     "probe_video",
     "select_frame_indices",
-    "target_size",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -131,7 +130,21 @@ _Size = tuple[int, int]
 
 
 def _plan(width: int, height: int, size: int, crop: bool) -> tuple[_Box, _Size]:
-    """Crop box ``(x, y, w, h)`` in source pixels and output ``(w, h)``.
+    """Crop box ``(x, y, w, h)`` in source pixels and output ``(w, h)``, both multiples of 8.
+
+    size: target SHORT side in pixels, rounded down to a multiple of 8 (0 < size < 8 is
+        refused rather than silently enlarged). 0 keeps the source size, rounded down to
+        multiples of 8.
+    crop=False keeps the whole frame: the short side becomes ``size`` and the long side is
+        scaled by the same factor, then rounded to the nearest multiple of 8, so the aspect
+        ratio changes by at most 4 px on the long side. With size 0 the frame is squeezed
+        by the < 8 px lost to rounding.
+    crop=True cuts instead of squeezing: with size > 0 the result is a square
+        ``size x size`` centre crop (the reference's 512x512 setting); with size 0 the
+        frame is centre-cropped to multiples of 8 without any scaling.
+
+    Examples: 1920x1080, size 512 -> 912x512; crop -> 512x512; size 0 -> 1920x1080;
+    854x480, size 0 -> 848x480.
 
     Cropping in source pixels before one resize is cheaper than resizing then cropping,
     and differs from it only by sub-pixel rounding of the box.
@@ -142,6 +155,9 @@ def _plan(width: int, height: int, size: int, crop: bool) -> tuple[_Box, _Size]:
         )
     if size < 0:
         raise VideoError(f"size must be at least 0, got {size}")
+    if 0 < size < _MULTIPLE:
+        raise VideoError(f"size {size} is below {_MULTIPLE} px, the smallest side a frame can have; use 0 for the "
+                         f"source size or at least {_MULTIPLE}")
     if size == 0:
         out = (width // _MULTIPLE * _MULTIPLE, height // _MULTIPLE * _MULTIPLE)
         if crop:
@@ -160,26 +176,6 @@ def _plan(width: int, height: int, size: int, crop: bool) -> tuple[_Box, _Size]:
     else:
         out = (_round_multiple(width * scale, nearest=True), side)
     return (0, 0, width, height), out
-
-
-def target_size(width: int, height: int, size: int = 0, crop: bool = False) -> tuple[int, int]:
-    """Output ``(width, height)`` for a ``width x height`` source; both are multiples of 8.
-
-    size: target SHORT side in pixels, rounded down to a multiple of 8 (at least 8).
-        0 keeps the source size, rounded down to multiples of 8.
-    crop=False keeps the whole frame: the short side becomes ``size`` and the long side is
-        scaled by the same factor, then rounded to the nearest multiple of 8, so the aspect
-        ratio changes by at most 4 px on the long side. With size 0 the frame is squeezed
-        by the < 8 px lost to rounding.
-    crop=True cuts instead of squeezing: with size > 0 the result is a square
-        ``size x size`` centre crop (the reference's 512x512 setting); with size 0 the
-        frame is centre-cropped to multiples of 8 without any scaling.
-
-    Examples: 1920x1080, size 512 -> 912x512; crop -> 512x512; size 0 -> 1920x1080;
-    854x480, size 0 -> 848x480.
-    Raises VideoError when a source side is below 8 px or size is negative.
-    """
-    return _plan(int(width), int(height), int(size), bool(crop))[1]
 
 
 def estimate_bytes(frame_count: int, width: int, height: int) -> int:

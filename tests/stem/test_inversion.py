@@ -18,7 +18,7 @@ def make_inversion(steps=5, frames=3, seed=0):
         sigmas=torch.tensor([sched.final_sigma] + list(reversed(sched.sigmas.tolist())), dtype=torch.float64),
         cond=torch.randn(1, 77, 768, generator=g),
         pooled=torch.randn(1, 768, generator=g),
-        settings={"attention": "stem", "num_bases": 256, "steps": steps, "model_fingerprint": "abc"},
+        settings={"attention": "stem", "num_bases": 256, "steps": steps, "model_family": "SD15"},
     )
 
 

@@ -14,7 +14,9 @@ from stem.tokenflow import (
     nearest_neighbour_field,
     nn_chunk_rows,
     propagate,
-    propagate_batch,
+    batch_fields,
+    keyframe_attention,
+    propagate_outputs,
     propagation_weights,
     sample_keyframes,
 )
@@ -280,6 +282,18 @@ def test_propagate_keeps_fp16_dtype_and_blends_in_fp32():
     assert torch.equal(out, expected.half())
 
 
+def propagate_batch(batch_source, keyframe_source, keyframe_outputs, batch_index, batch_size, keyframes=None,
+                    use_true_keyframe_positions=False, chunk_size=None):
+    """One block's propagation pass as the hooks run it: the fields from the source branch's
+    norm1(x) (attn1 patch), then the outputs of every branch (attn1 output patch)."""
+    if keyframe_outputs.shape[1] != keyframe_source.shape[0]:
+        raise ValueError("one recorded output per keyframe")
+    fields = batch_fields(batch_source, keyframe_source, batch_index, batch_size, keyframes,
+                          use_true_keyframe_positions, chunk_size)
+    prev = keyframe_outputs[:, batch_index - 1] if batch_index > 0 else None
+    return propagate_outputs(keyframe_outputs[:, batch_index], fields, prev)
+
+
 def test_identical_frames_return_keyframe_outputs_exactly_in_batch_zero():
     gen = _gen(12)
     n, c = 32, 8
@@ -351,11 +365,39 @@ def test_propagate_batch_true_positions_change_the_blend_only():
     assert not torch.allclose(out, reference)
 
 
-def test_propagate_batch_rejects_mismatched_inputs():
+def test_propagation_rejects_mismatched_inputs():
     src = torch.randn(2, 4, 3)
     with pytest.raises(ValueError):
-        propagate_batch(torch.randn(9, 4, 3), src, torch.randn(3, 2, 4, 3), 0, 8)  # 9 > bs
+        batch_fields(torch.randn(9, 4, 3), src, 0, 8)  # 9 > bs
     with pytest.raises(ValueError):
-        propagate_batch(torch.randn(4, 4, 3), src, torch.randn(3, 3, 4, 3), 0, 8)  # K differs
+        batch_fields(torch.randn(4, 4, 3), src, 2, 8)  # no keyframe 2
+    fields = batch_fields(torch.randn(4, 4, 3), src, 1, 8)
+    with pytest.raises(ValueError, match="outputs_prev"):
+        propagate_outputs(torch.randn(3, 4, 3), fields)  # batch 1 blends two keyframes
     with pytest.raises(ValueError):
-        propagate_batch(torch.randn(4, 4, 3), src, torch.randn(3, 2, 4, 3), 2, 8)  # no keyframe 2
+        propagate_outputs(torch.randn(3, 2, 4, 3), fields)  # not [G, M, C]
+
+
+def test_keyframe_attention_is_extended_attention_with_source_queries_and_keys():
+    """Every keyframe attends to all keyframes' tokens (REFERENCE §5.3); in the PnP window the
+    source's q and k replace the branch's, its values stay (§5.2)."""
+    gen = _gen(40)
+    K, N, heads, d = 3, 5, 2, 4
+    q, k, v, sq, sk = (torch.randn(K, N, heads * d, generator=gen) for _ in range(5))
+
+    def transcription(q, k, v):
+        out = []
+        for h in range(heads):
+            sl = slice(h * d, (h + 1) * d)
+            qa, ka, va = q[..., sl].reshape(K * N, d), k[..., sl].reshape(K * N, d), v[..., sl].reshape(K * N, d)
+            out.append(torch.softmax(qa @ ka.T / d**0.5, -1) @ va)
+        return torch.cat(out, -1).reshape(K, N, heads * d)
+
+    torch.testing.assert_close(keyframe_attention(q, k, v, heads), transcription(q, k, v))
+    torch.testing.assert_close(keyframe_attention(q, k, v, heads, (sq, sk)), transcription(sq, sk, v))
+    half = keyframe_attention(q.half(), k.half(), v.half(), heads, precision=torch.float32)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), transcription(q.half().float(), k.half().float(), v.half().float()),
+                               rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError):
+        keyframe_attention(q, k, v, heads, (sq[:2], sk[:2]))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from stem.video import _plan  # the sizing rules, tested apart from decoding
 from stem.video import (
     DEFAULT_FPS,
     VideoError,
@@ -24,7 +25,6 @@ from stem.video import (
     load_video,
     probe_video,
     select_frame_indices,
-    target_size,
 )
 
 W, H = 64, 48
@@ -313,19 +313,21 @@ def test_probe_of_folder_matches_load(tmp_path):
         (854, 480, 0, True, (848, 480)),
         (W, H, 0, False, (W, H)),
         (100, 60, 20, False, (24, 16)),  # size rounds down to 16; 26.7 rounds to 24
-        (100, 60, 3, True, (8, 8)),  # never below 8
+        (100, 60, 8, True, (8, 8)),
         (W, H, 96, False, (128, 96)),  # enlarging
     ],
 )
-def test_target_size_follows_the_short_side_rules(w, h, size, crop, expected):
-    out = target_size(w, h, size, crop)
+def test_output_size_follows_the_short_side_rules(w, h, size, crop, expected):
+    out = _plan(w, h, size, crop)[1]
     assert out == expected
     assert out[0] % 8 == 0 and out[1] % 8 == 0
 
 
-def test_target_size_rejects_frames_smaller_than_8_px():
+def test_output_size_rejects_frames_smaller_than_8_px_and_sizes_it_would_enlarge():
     with pytest.raises(VideoError, match="at least 8"):
-        target_size(7, 100, 0, False)
+        _plan(7, 100, 0, False)
+    with pytest.raises(VideoError, match="size 4 is below 8 px"):  # once silently made 8
+        _plan(100, 60, 4, True)
 
 
 @pytest.mark.parametrize(
