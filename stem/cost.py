@@ -1,8 +1,12 @@
 """Wall time and peak memory of a piece of work, for the inversion comparison (issue 5).
 
 On a CUDA device the peak is ``torch.cuda.max_memory_allocated`` over the run, minus what was
-allocated before. On the CPU it is the process's resident memory, sampled in a background
-thread every millisecond, minus the resident memory at the start.
+allocated before. On the CPU it is the process's peak resident memory over the run, minus the
+resident memory at the start. On Linux the kernel keeps that peak itself (``VmHWM``), and
+writing 5 to ``/proc/self/clear_refs`` restarts it, so measuring costs two file reads and
+nothing during the run (the peak is the process's own accounting and changes no computation).
+Elsewhere a background thread samples the resident memory every 20 ms: a short spike between
+two samples can be missed there.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+SAMPLE_INTERVAL_S = 0.02  # the fallback sampler's period
 
 
 def resident_bytes() -> int:
@@ -30,6 +35,28 @@ def resident_bytes() -> int:
             return 0
 
 
+def _restart_kernel_peak() -> bool:
+    """Restart the kernel's peak-RSS counter (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _kernel_peak() is not None
+    except OSError:
+        return False
+
+
+def _kernel_peak() -> int | None:
+    """``VmHWM``, the peak resident memory since the last restart, in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @dataclass
 class Cost:
     seconds: float = 0.0
@@ -43,15 +70,15 @@ class Cost:
 class measure:
     """``with measure(device) as cost: ...`` fills ``cost.seconds`` and ``cost.peak_bytes``."""
 
-    def __init__(self, device: torch.device | str | None = None, interval: float = 0.001):
+    def __init__(self, device: torch.device | str | None = None, interval: float = SAMPLE_INTERVAL_S):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.interval = interval
         self.cost = Cost(kind="cuda-allocated" if self.device.type == "cuda" else "cpu-rss")
+        self._thread = None
 
     def _sample(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.wait(self.interval):
             self._peak = max(self._peak, resident_bytes())
-            self._stop.wait(self.interval)
 
     def __enter__(self) -> Cost:
         if self.cost.kind == "cuda-allocated":
@@ -60,19 +87,22 @@ class measure:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._base = self._peak = resident_bytes()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            if not _restart_kernel_peak():
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
         self._t0 = time.perf_counter()
         return self.cost
 
     def __exit__(self, *exc) -> None:
+        self.cost.seconds = time.perf_counter() - self._t0
         if self.cost.kind == "cuda-allocated":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
-        else:
+        elif self._thread is not None:
             self._stop.set()
             self._thread.join()
             peak = max(self._peak, resident_bytes())
-        self.cost.seconds = time.perf_counter() - self._t0
+        else:
+            peak = max(self._peak, _kernel_peak() or 0, resident_bytes())
         self.cost.peak_bytes = max(0, peak - self._base)
