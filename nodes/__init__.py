@@ -1,9 +1,15 @@
-"""The ComfyUI adapter: node classes that delegate to stem/.
+"""The ComfyUI adapter: the node modules, one or two thin node classes each, that delegate to
+stem/. What they share lives in nodes/host/.
 
-Each module holds a few thin node classes and its own mappings; ComfyUI is imported inside
-functions, so the classes (and their INPUT_TYPES) import without the host.
+ComfyUI is imported inside functions, so the classes (and their INPUT_TYPES) import without
+the host.
 """
+from ..stem.inversion import InversionError
+from ..stem.video import VideoError
 from . import attention_patch, inversion_io, inversion_nodes, metrics_node, tokenflow_edit, video_nodes
+from .host.base import StemError, present_errors
+
+present_errors(StemError, InversionError, VideoError)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

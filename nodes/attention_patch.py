@@ -5,7 +5,9 @@ import torch
 
 from ..stem.attention import full_attention, full_attention_bytes, stem_attention
 from ..stem.em import DEFAULT_EM_ITERS, DEFAULT_NUM_BASES, DEFAULT_TAU
-from .common import CATEGORY, StemError, attn1_sites, check_model, layer_seed, refuse_split_frames
+from .host.base import CATEGORY, StemError
+from .host.memory import free_memory
+from .host.model import attention_precision, attn1_sites, check_model, layer_seed, refuse_split_frames
 
 GROUPINGS = ["whole clip", "chunks of n frames"]
 MODES = ["stem", "inflated", "per-frame"]
@@ -13,15 +15,6 @@ DEFAULT_SETTINGS = {"attention": "stem", "num_bases": DEFAULT_NUM_BASES, "em_ite
                     "tau": DEFAULT_TAU, "seed": 1, "grouping": GROUPINGS[0], "frames_per_group": 8}
 # inflated attention may use at most this share of the free memory of its device
 INFLATED_MEMORY_SHARE = 0.5
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes free on the device (CUDA: the driver's count; CPU: available RAM)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    from .video_nodes import available_memory
-
-    return available_memory()
 
 
 def make_inflated_attn1(settings: dict):
@@ -45,7 +38,8 @@ def make_inflated_attn1(settings: dict):
                 f"({int(INFLATED_MEMORY_SHARE * 100)}% of the {free / 2**30:.2f} GiB free); use attention 'stem', "
                 "fewer frames, a smaller size, or 'chunks of n frames'"
             )
-        return full_attention(q, k, v, extra_options["n_heads"], num_chunks=chunks, frames_per_group=frames_per_group)
+        return full_attention(q, k, v, extra_options["n_heads"], num_chunks=chunks, frames_per_group=frames_per_group,
+                              precision=attention_precision(extra_options, q.dtype))
 
     return inflated_attn1
 
@@ -65,6 +59,7 @@ def make_stem_attn1(settings: dict):
         return stem_attention(
             q, k, v, extra_options["n_heads"], num_chunks=chunks, frames_per_group=frames_per_group,
             num_bases=settings["num_bases"], iters=settings["em_iters"], tau=settings["tau"], generator=gen,
+            precision=attention_precision(extra_options, q.dtype),
         )
 
     return stem_attn1

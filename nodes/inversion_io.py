@@ -12,8 +12,8 @@ import re
 import torch
 
 from ..stem.inversion import Inversion, InversionError, load_inversion, read_metadata, save_inversion
-from .common import CATEGORY, StemError
-from .video_nodes import existing_in_folders, file_sha256, folder_roots, resolve_in_folders, within
+from .host.base import CATEGORY, StemError
+from .host.paths import existing_in_folders, file_signature, folder_roots, linked, resolve_in_folders, within
 
 log = logging.getLogger("ComfyUI-STEM")
 
@@ -186,10 +186,14 @@ class LoadSTEMInversion:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, inversion_file=None):
+    def VALIDATE_INPUTS(cls, inversion_file=None, input_types=None):
         # Taking the input here makes ComfyUI skip its "value in list" check; this replaces it.
-        if inversion_file is None:  # linked from another node: checked when the node runs
+        # `input_types` names the linked inputs: a linked name is checked when the node runs.
+        if linked("inversion_file", input_types):
             return True
+        if inversion_file is None or inversion_file == "":  # the list was empty when the graph was made
+            return ("inversion_file: no inversion chosen (the list is empty). Save one with Save STEM Inversion "
+                    "(it goes to the output folder), press R to refresh the list, and pick it.")
         try:
             _inversion_path(inversion_file, check_format=True)
         except (StemError, InversionError) as e:
@@ -199,7 +203,7 @@ class LoadSTEMInversion:
     @classmethod
     def IS_CHANGED(cls, inversion_file=None):
         try:
-            return file_sha256(_inversion_path(inversion_file, check_format=False))
+            return file_signature(_inversion_path(inversion_file, check_format=False))
         except (StemError, OSError):
             return float("nan")  # never equal to itself: run again, and let `load` report it
 
@@ -216,5 +220,5 @@ class LoadSTEMInversion:
         return (inv,)
 
 
-NODE_CLASS_MAPPINGS = {"SaveSTEMInversion": SaveSTEMInversion, "LoadSTEMInversion": LoadSTEMInversion}
-NODE_DISPLAY_NAME_MAPPINGS = {"SaveSTEMInversion": "Save STEM Inversion", "LoadSTEMInversion": "Load STEM Inversion"}
+NODE_CLASS_MAPPINGS = {"STEMSaveInversion": SaveSTEMInversion, "STEMLoadInversion": LoadSTEMInversion}
+NODE_DISPLAY_NAME_MAPPINGS = {"STEMSaveInversion": "Save STEM Inversion", "STEMLoadInversion": "Load STEM Inversion"}

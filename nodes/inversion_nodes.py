@@ -7,17 +7,10 @@ import torch
 
 from ..stem.cost import measure
 from ..stem.inversion import Inversion
-from .common import (
-    CATEGORY,
-    StemError,
-    check_model,
-    ddim_sampler,
-    inversion_sampler,
-    model_fingerprint,
-    model_schedule,
-    progress_callback,
-    single_cond,
-)
+from .host.base import CATEGORY
+from .host.latents import inversion_conditioning, latent_frames, single_cond
+from .host.model import check_model, model_family, model_schedule
+from .host.sampling import ddim_sampler, inversion_sampler, preview_callback
 
 log = logging.getLogger("ComfyUI-STEM")
 
@@ -33,21 +26,10 @@ def _guider(model, conditioning):
     return g
 
 
-def latent_frames(latent: dict, input_name: str = "latent") -> torch.Tensor:
-    samples = latent["samples"]
-    if samples.ndim != 4:
-        raise StemError(f"{input_name}: expected image latents [frames, C, h, w], got shape {tuple(samples.shape)}; "
-                        "encode the frames with VAE Encode")
-    if latent.get("batch_index") is not None or latent.get("noise_mask") is not None:
-        log.warning("STEM: the latent's batch_index / noise_mask are ignored")
-    return samples
-
-
 def invert(model, samples: torch.Tensor, conditioning, steps: int) -> Inversion:
     """DDIM inversion of ``samples`` (LATENT scale) with ``model`` as it is patched."""
     prediction = check_model(model)
     sched = model_schedule(model, steps)
-    levels = [sched.final_sigma] + [s for _, _, s in sched.inversion_levels]
     trajectory = [samples.float().cpu()]
     base = model.model
 
@@ -57,30 +39,22 @@ def invert(model, samples: torch.Tensor, conditioning, steps: int) -> Inversion:
     g = _guider(model, conditioning)
     with measure(model.load_device) as cost:
         g.sample(
-            torch.zeros_like(samples), samples, inversion_sampler(record), torch.tensor(levels, dtype=torch.float32),
-            callback=progress_callback(model, steps), disable_pbar=True, seed=0,
+            torch.zeros_like(samples), samples, inversion_sampler(record),
+            torch.tensor(sched.inversion_sigmas, dtype=torch.float32),
+            callback=preview_callback(model, steps), disable_pbar=True, seed=0,
         )
     cond, pooled = single_cond(conditioning, "conditioning")
     settings = dict(model.model_options.get("transformer_options", {}).get("stem_attention") or {"attention": "per-frame"})
     # wall time and peak memory of the whole inversion (model loading included when it happens here)
-    settings.update({"steps": steps, "prediction": prediction, "model_fingerprint": model_fingerprint(model),
-                     **cost.as_dict()})
+    settings.update({"steps": steps, "prediction": prediction, "model_family": model_family(model), **cost.as_dict()})
     return Inversion(
         latents=torch.stack(trajectory),
         timesteps=list(reversed(sched.timesteps)),
-        sigmas=torch.tensor(levels, dtype=torch.float64),
+        sigmas=torch.tensor(sched.inversion_sigmas, dtype=torch.float64),
         cond=cond.float().cpu(),
         pooled=None if pooled is None else pooled.float().cpu(),
         settings=settings,
     )
-
-
-def inversion_conditioning(inv: Inversion):
-    """The source prompt's CONDITIONING stored with an inversion."""
-    if inv.cond is None:
-        raise StemError("the inversion carries no source conditioning; connect source_conditioning")
-    extras = {} if inv.pooled is None else {"pooled_output": inv.pooled}
-    return [[inv.cond, extras]]
 
 
 def reconstruct(model, inv: Inversion, conditioning=None) -> torch.Tensor:
@@ -92,7 +66,7 @@ def reconstruct(model, inv: Inversion, conditioning=None) -> torch.Tensor:
     g = _guider(model, conditioning)
     return g.sample(
         torch.zeros_like(start), start, ddim_sampler(), torch.tensor(levels, dtype=torch.float32),
-        callback=progress_callback(model, inv.steps), disable_pbar=True, seed=0,
+        callback=preview_callback(model, inv.steps), disable_pbar=True, seed=0,
     )
 
 

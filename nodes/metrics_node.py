@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..stem.metrics import compare, plot_metrics
-from .common import CATEGORY, StemError
+from .host.base import CATEGORY, StemError
 
 SLOTS = 3
 
@@ -94,5 +94,5 @@ class VideoMetrics:
         return {"ui": {"text": [table]}, "result": (plot, table)}
 
 
-NODE_CLASS_MAPPINGS = {"VideoMetrics": VideoMetrics}
-NODE_DISPLAY_NAME_MAPPINGS = {"VideoMetrics": "Video Metrics"}
+NODE_CLASS_MAPPINGS = {"STEMVideoMetrics": VideoMetrics}
+NODE_DISPLAY_NAME_MAPPINGS = {"STEMVideoMetrics": "Video Metrics"}

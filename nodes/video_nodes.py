@@ -1,18 +1,13 @@
-"""Load Video Frames: a clip from ComfyUI's input folder as IMAGE frames, decoded by stem.video.
-
-Also holds the path checks the file-reading nodes share: a name chosen in a combo is resolved
-like core LoadImage does (``folder_paths.get_annotated_filepath``) and then refused unless its
-real path (``..`` and symbolic links resolved) lies inside an allowed ComfyUI folder, because an
-API prompt can send any string, not only the listed names.
-"""
+"""Load Video Frames: a clip from ComfyUI's input folder as IMAGE frames, decoded by stem.video."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
 from ..stem.video import IMAGE_EXTENSIONS, VideoError, estimate_bytes, load_video, probe_video
-from .common import CATEGORY, StemError
+from .host.base import CATEGORY, StemError
+from .host.memory import free_memory, human_bytes
+from .host.paths import existing_in_folders, file_signature, linked
 
 log = logging.getLogger("ComfyUI-STEM")
 
@@ -22,71 +17,11 @@ _NOT_CLIPS = {"clipspace"}
 # Decoding must leave room for everything after it (VAE Encode, the model): the frames may
 # take at most this share of the memory that is free when the node runs.
 MEMORY_SHARE = 0.5
+# SD1.x/2.x downsample the 1/8 latent three more times: below 64 px a frame has no token left
+# at the UNet's lowest level.
+MIN_SIZE = 64
+MAX_SIZE = 8192
 _FRAME_ORDER = "skip_first_frames, then select_every_nth, then frame_load_cap"
-
-
-# ---------------------------------------------------------------------------------------
-# Paths (shared with inversion_io).
-# ---------------------------------------------------------------------------------------
-
-
-def within(path: str, root: str) -> bool:
-    """Whether the real path ``path`` is ``root`` or lies below it."""
-    path, root = os.path.normcase(path), os.path.normcase(root)
-    try:
-        return os.path.commonpath([path, root]) == root
-    except ValueError:  # different drives on Windows
-        return False
-
-
-def folder_roots(kinds: tuple[str, ...]) -> dict[str, str]:
-    """Real paths of ComfyUI's folders by type ("input", "output")."""
-    import folder_paths
-
-    return {kind: os.path.realpath(folder_paths.get_directory_by_type(kind)) for kind in kinds}
-
-
-def resolve_in_folders(name, input_name: str, kinds: tuple[str, ...] = ("input",)) -> str:
-    """The real path of a combo value such as ``clip.mp4`` or ``a/b.safetensors [output]``.
-
-    Raises StemError naming ``input_name`` when the name is empty or resolves outside the
-    folders of ``kinds``. Existence is not checked here.
-    """
-    import folder_paths
-
-    folders = " or ".join(f"{k} folder" for k in kinds)
-    if not isinstance(name, str) or not name.strip():
-        raise StemError(f"{input_name}: no file chosen; pick one from the list (files in ComfyUI's {folders}).")
-    real = os.path.realpath(folder_paths.get_annotated_filepath(name))
-    roots = folder_roots(kinds)
-    if not any(within(real, root) and os.path.normcase(real) != os.path.normcase(root) for root in roots.values()):
-        where = ", ".join(f"{k}: {r}" for k, r in roots.items())
-        upload = " (the upload button does that)" if kinds == ("input",) else ""
-        raise StemError(
-            f"{input_name}: '{name}' points outside ComfyUI's {folders} ({where}), following '..' and "
-            f"symbolic links; for safety this node reads only files inside {'it' if len(kinds) == 1 else 'them'}. "
-            f"Copy the file into the {kinds[0]} folder{upload} and pick it from the list."
-        )
-    return real
-
-
-def existing_in_folders(name, input_name: str, kinds: tuple[str, ...] = ("input",)) -> str:
-    """`resolve_in_folders`, and refuse a path that does not exist."""
-    real = resolve_in_folders(name, input_name, kinds)
-    if not os.path.exists(real):
-        raise StemError(
-            f"{input_name}: '{name}' was not found in ComfyUI's {' or '.join(k + ' folder' for k in kinds)}; "
-            "it may have been moved or deleted. Refresh the node list (press R) and pick an existing file."
-        )
-    return real
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,31 +59,20 @@ def list_clips(input_dir: str) -> list[str]:
     return sorted(names, key=str.lower)
 
 
-def available_memory() -> int | None:
-    """Bytes of RAM free for new allocations, or None when it cannot be read."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+def size_problem(size) -> str | None:
+    """Why ``size`` cannot be used for SD, or None. (VALIDATE_INPUTS takes ``size``, so
+    ComfyUI leaves its range check to this.)"""
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_SIZE:
+        return f"size: must be 0 (the source size) or a whole number of pixels from {MIN_SIZE} to {MAX_SIZE}, got {size!r}"
+    if 0 < size < MIN_SIZE:
+        return (f"size: {size} px is below {MIN_SIZE} px, the smallest short side SD1.x/SD2.x can work on "
+                f"(8 latent pixels); use 0 for the source size, or {MIN_SIZE} or more")
     return None
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def check_memory(frame_count: int, width: int, height: int) -> None:
     """Refuse frames whose decoding would not fit in `MEMORY_SHARE` of the free RAM."""
-    free = available_memory()
+    free = free_memory("cpu")
     if free is None:
         log.warning("STEM Load Video Frames: cannot read the free memory; loading without a check")
         return
@@ -157,9 +81,9 @@ def check_memory(frame_count: int, width: int, height: int) -> None:
     limit = int(free * MEMORY_SHARE)
     if need > limit:
         raise StemError(
-            f"video: {frame_count} frames at {width}x{height} need about {_gb(need)} of RAM while loading, "
-            f"but {_gb(free)} is free and this node uses at most {int(MEMORY_SHARE * 100)}% of it "
-            f"({_gb(limit)}). Lower size, set frame_load_cap, or raise select_every_nth "
+            f"video: {frame_count} frames at {width}x{height} need about {human_bytes(need)} of RAM while loading, "
+            f"but {human_bytes(free)} is free and this node uses at most {int(MEMORY_SHARE * 100)}% of it "
+            f"({human_bytes(limit)}). Lower size, set frame_load_cap, or raise select_every_nth "
             f"(they apply in the order {_FRAME_ORDER})."
         )
 
@@ -218,10 +142,10 @@ class LoadVideoFrames:
                                "frame_load_cap.",
                 }),
                 "size": ("INT", {
-                    "default": 512, "min": 0, "max": 8192, "step": 8,
-                    "tooltip": "Target length of the SHORT side in pixels (rounded down to a multiple of 8); the "
-                               "long side follows the aspect ratio. 0 keeps the source size (rounded down to "
-                               "multiples of 8).",
+                    "default": 512, "min": 0, "max": MAX_SIZE, "step": 8,
+                    "tooltip": f"Target length of the SHORT side in pixels (rounded down to a multiple of 8; at "
+                               f"least {MIN_SIZE}, which SD needs); the long side follows the aspect ratio. 0 keeps "
+                               "the source size (rounded down to multiples of 8).",
                 }),
                 "crop": ("BOOLEAN", {
                     "default": False,
@@ -234,10 +158,15 @@ class LoadVideoFrames:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, video=None):
+    def VALIDATE_INPUTS(cls, video=None, size=None, input_types=None):
         # Taking `video` here makes ComfyUI skip its "value in list" check for it, so that
         # files uploaded into sub-folders load; the location check below replaces it.
-        if video is None:  # linked from another node: checked when the node runs
+        # `input_types` names the linked inputs: those are checked when the node runs.
+        # (a widget's INT is never None here: ComfyUI converts it first and refuses a null)
+        problem = None if size is None or linked("size", input_types) else size_problem(size)
+        if problem:
+            return problem
+        if linked("video", input_types):
             return True
         try:
             existing_in_folders(video, "video")
@@ -248,23 +177,15 @@ class LoadVideoFrames:
     @classmethod
     def IS_CHANGED(cls, video=None, **options):
         try:
-            path = existing_in_folders(video, "video")
-            h = hashlib.sha256()
-            if os.path.isdir(path):
-                # A folder of frames can be gigabytes; names, sizes and times catch any rewrite.
-                for e in sorted(os.scandir(path), key=lambda e: e.name):
-                    if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS):
-                        st = e.stat()
-                        h.update(f"{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            else:
-                h.update(file_sha256(path).encode())
+            signature = file_signature(existing_in_folders(video, "video"), IMAGE_EXTENSIONS)
         except (StemError, OSError):
             return float("nan")  # never equal to itself: run again, and let `load` report it
-        h.update(repr(sorted(options.items())).encode())
-        return h.hexdigest()
+        return f"{signature}:{sorted(options.items())!r}"
 
     def load(self, video, frame_load_cap, skip_first_frames, select_every_nth, size, crop):
         path = existing_in_folders(video, "video")
+        if size_problem(size):
+            raise StemError(size_problem(size))
         options = dict(frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
                        select_every_nth=select_every_nth, size=size, crop=crop)
         try:
@@ -276,5 +197,5 @@ class LoadVideoFrames:
         return (frames, info.frame_count, float(info.loaded_fps), info.width, info.height)
 
 
-NODE_CLASS_MAPPINGS = {"LoadVideoFrames": LoadVideoFrames}
-NODE_DISPLAY_NAME_MAPPINGS = {"LoadVideoFrames": "Load Video Frames"}
+NODE_CLASS_MAPPINGS = {"STEMLoadVideoFrames": LoadVideoFrames}
+NODE_DISPLAY_NAME_MAPPINGS = {"STEMLoadVideoFrames": "Load Video Frames"}

@@ -683,6 +683,51 @@ def write_video_clip(path, frames: int = 8, width: int = 64, height: int = 64, f
 
 
 
+@contextlib.contextmanager
+def forbid_reading(path):
+    """Fail the test if anything opens ``path`` inside the block (an IS_CHANGED that should
+    look at the file's size and time only, say)."""
+    import builtins
+
+    real_open, target = builtins.open, os.path.realpath(str(path))
+
+    def guarded(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.realpath(str(file)) == target:
+            raise AssertionError(f"{path} was read")
+        return real_open(file, *args, **kwargs)
+
+    builtins.open = guarded
+    try:
+        yield
+    finally:
+        builtins.open = real_open
+
+
+FP32_EPS = 2.0**-23
+
+
+def fp32_tolerance(reference, depth: int, gain: float = 1.0) -> float:
+    """An absolute tolerance for two fp32 computations of the same thing that differ only in
+    summation order (a batch split another way, a kernel picked by another CPU or thread count).
+
+    Each rounding is at most FP32_EPS relative to the values it touches; along ``depth``
+    sequential operations (layers x steps) such errors add up, ``gain`` (classifier-free
+    guidance's scale, say) multiplies them, and the values they touch are bounded by the
+    output's own scale. A margin of 8 covers the constants that analysis leaves out. Like
+    ``torch.testing``'s rtol, it scales with the signal, so values around 6 or around 80 get
+    the same relative allowance, while a real error (a 1% wrong eps, a branch reading another
+    pass's features) is orders of magnitude larger.
+    """
+    return 8.0 * depth * gain * FP32_EPS * float(reference.abs().max())
+
+
+def assert_fp32_close(actual, expected, depth: int, gain: float = 1.0) -> None:
+    import torch
+
+    tol = fp32_tolerance(expected, depth, gain)
+    torch.testing.assert_close(actual, expected, rtol=0.0, atol=tol)
+
+
 def benchmark_session(repo_root: Path, prefix: str):
     """For the scripts in benchmarks/: ComfyUI in CPU mode, temp folders, the core extra nodes,
     this repo loaded as a custom node pack and the random SD1.5 checkpoint loaded.

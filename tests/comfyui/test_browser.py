@@ -7,8 +7,10 @@ the random checkpoint and a generated clip and make everything small through the
 Run, wait for the server's /history. Checked: no missing-node or other dialog, no error or warning
 toast, the prompt succeeded with the values set in the UI, and its files are in the output folder.
 A screenshot per workflow goes to the test's tmp dir; the edit workflow's also to
-docs/stem_tokenflow_edit.png when that file is missing or STEM_DOCS_SCREENSHOT=1 (so that a test
-run does not rewrite a committed file).
+docs/stem_tokenflow_edit.png when that file is missing or STEM_DOCS_SCREENSHOT=1, and each becomes
+the workflow's template thumbnail, workflows/<name>.jpg (what ComfyUI's template browser shows),
+when that file is missing or STEM_TEMPLATE_THUMBNAILS=1 (so that a test run does not rewrite
+committed files).
 
 Needs /usr/bin/chromium and the python package playwright (tests/run.sh puts it into .test-deps
 when chromium is there); without them this module is one skipped test with the reason. Never a
@@ -51,11 +53,11 @@ def small_settings(ckpt: str, clip: str) -> list[tuple[str, str, object, bool]]:
     every node of that type must have the widget (the workflow cannot run without it)."""
     return [
         ("CheckpointLoaderSimple", "ckpt_name", ckpt, True),
-        ("LoadVideoFrames", "video", clip, True),
-        ("LoadVideoFrames", "frame_load_cap", 8, True),
-        ("LoadVideoFrames", "size", 64, True),
+        ("STEMLoadVideoFrames", "video", clip, True),
+        ("STEMLoadVideoFrames", "frame_load_cap", 8, True),
+        ("STEMLoadVideoFrames", "size", 64, True),
         ("STEMInvert", "steps", 2, True),
-        ("TokenFlowEdit", "batch_size", 4, True),
+        ("STEMTokenFlowEdit", "batch_size", 4, True),
         ("KSampler", "steps", 2, True),
         ("EmptyLatentImage", "width", 64, True),
         ("EmptyLatentImage", "height", 64, True),
@@ -129,6 +131,19 @@ def save_docs_png(src: Path, dest: Path):
     with Image.open(src) as im:
         im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
             dest, optimize=True)
+
+
+THUMBNAIL_WIDTH = 640
+
+
+def save_thumbnail(src: Path, dest: Path):
+    """The screenshot as a template thumbnail: a JPEG THUMBNAIL_WIDTH pixels wide."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        height = round(im.height * THUMBNAIL_WIDTH / im.width)
+        im.resize((THUMBNAIL_WIDTH, height), Image.Resampling.LANCZOS).save(dest, "JPEG", quality=82, optimize=True)
 
 
 def _files(folder: Path) -> set[Path]:
@@ -221,6 +236,9 @@ def test_workflow_runs_in_the_browser(workflow, comfy_server, browser, tmp_path)
         ui.page.screenshot(path=str(shot))
         if docs is not None and (not docs.exists() or os.environ.get("STEM_DOCS_SCREENSHOT", "") not in ("", "0")):
             save_docs_png(shot, docs)
+        thumb = workflow.with_suffix(".jpg")
+        if not thumb.exists() or os.environ.get("STEM_TEMPLATE_THUMBNAILS", "") not in ("", "0"):
+            save_thumbnail(shot, thumb)
     except BaseException:
         if not shot.exists():
             try:

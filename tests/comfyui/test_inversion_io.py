@@ -29,12 +29,12 @@ def inv_mod(pack):
 
 @pytest.fixture
 def save_node(pack):
-    return pack.NODE_CLASS_MAPPINGS["SaveSTEMInversion"]
+    return pack.NODE_CLASS_MAPPINGS["STEMSaveInversion"]
 
 
 @pytest.fixture
 def load_node(pack):
-    return pack.NODE_CLASS_MAPPINGS["LoadSTEMInversion"]
+    return pack.NODE_CLASS_MAPPINGS["STEMLoadInversion"]
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def make_inversion(inv_mod, steps=3, frames=2, seed=0, pooled=True):
         cond=torch.randn(1, 77, 768, generator=g),
         pooled=torch.randn(1, 768, generator=g) if pooled else None,
         settings={"attention": "stem", "num_bases": 16, "seed": seed, "steps": steps, "prediction": "eps",
-                  "model_fingerprint": "0123456789abcdef", "tau": 0.01},
+                  "model_family": "SD15", "tau": 0.01},
     )
 
 
@@ -211,18 +211,41 @@ def test_a_prefix_that_leaves_the_output_folder_is_refused(save_node, inv_mod, d
     assert not list(Path(dirs["output"]).rglob("*.safetensors"))
 
 
-def test_is_changed_follows_the_file_content(save_node, load_node, inv_mod, dirs):
+def test_is_changed_follows_size_and_time_without_reading_the_file(save_node, load_node, inv_mod, dirs):
+    """An inversion can be hundreds of MB and IS_CHANGED runs on every queue: size and
+    modification time, as core LoadVideo, never a hash of the contents."""
     name = _saved_name(save_node().save(make_inversion(inv_mod, seed=1), "c"))
     path = dirs["output"] / "c_00001.safetensors"
-    first = load_node.IS_CHANGED(inversion_file=name)
-    assert load_node.IS_CHANGED(inversion_file=name) == first
+    with harness.forbid_reading(path):
+        first = load_node.IS_CHANGED(inversion_file=name)
+        assert load_node.IS_CHANGED(inversion_file=name) == first
+        os.utime(path, (1_000_000, 1_000_000))
+        touched = load_node.IS_CHANGED(inversion_file=name)
+    assert touched != first
+    inv_mod.save_inversion(make_inversion(inv_mod, steps=4, seed=2), path)  # rewritten: another size
     os.utime(path, (1_000_000, 1_000_000))
-    assert load_node.IS_CHANGED(inversion_file=name) == first
-    stat = path.stat()
-    inv_mod.save_inversion(make_inversion(inv_mod, seed=2), path)  # same size, other numbers
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert path.stat().st_size == stat.st_size
-    assert load_node.IS_CHANGED(inversion_file=name) != first
+    assert load_node.IS_CHANGED(inversion_file=name) != touched
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_an_empty_list_is_refused_at_validation(load_node, dirs, value):
+    """With no inversion saved yet the combo is empty: refused before anything loads, with the
+    way out; a linked name is left to the node."""
+    message = load_node.VALIDATE_INPUTS(inversion_file=value)
+    assert isinstance(message, str) and message.startswith("inversion_file: no inversion chosen")
+    assert "Save STEM Inversion" in message and "press R" in message
+    assert load_node.VALIDATE_INPUTS(inversion_file=None, input_types={"inversion_file": "STRING"}) is True
+
+
+def test_the_executor_refuses_an_empty_inversion_list_before_loading_the_model(run_prompt, sd15_checkpoint):
+    """The case a new user met: the checkpoint and CLIP loaded (20 s) before the empty list failed."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15_checkpoint}},
+        "2": {"class_type": "STEMLoadInversion", "inputs": {"inversion_file": None}},
+        "3": {"class_type": "STEMReconstruct", "inputs": {"model": ["1", 0], "inversion": ["2", 0]}},
+    }
+    error = run_prompt(prompt, expect_error=True)
+    assert error.kind == "validation" and "no inversion chosen" in str(error)
 
 
 # --------------------------------------------------------------------------- through the executor
@@ -236,8 +259,8 @@ def test_the_executor_loads_and_saves_an_inversion(run_prompt, inv_mod):
     inv_mod.save_inversion(inv, source)
     prefix = f"stem_test_{os.getpid()}/roundtrip"
     prompt = {
-        "1": {"class_type": "LoadSTEMInversion", "inputs": {"inversion_file": source.name}},
-        "2": {"class_type": "SaveSTEMInversion", "inputs": {"inversion": ["1", 0], "filename_prefix": prefix}},
+        "1": {"class_type": "STEMLoadInversion", "inputs": {"inversion_file": source.name}},
+        "2": {"class_type": "STEMSaveInversion", "inputs": {"inversion": ["1", 0], "filename_prefix": prefix}},
     }
     result = run_prompt(prompt)
     (name,) = result.outputs["2"]["text"]
@@ -251,8 +274,8 @@ def test_the_executor_refuses_a_bad_inversion_file_and_prefix(run_prompt, inv_mo
 
     fake = Path(folder_paths.get_input_directory()) / f"fake_{os.getpid()}.safetensors"
     fake.write_text("plain text")
-    load = {"class_type": "LoadSTEMInversion", "inputs": {"inversion_file": fake.name}}
-    save = {"class_type": "SaveSTEMInversion", "inputs": {"inversion": ["1", 0], "filename_prefix": "x"}}
+    load = {"class_type": "STEMLoadInversion", "inputs": {"inversion_file": fake.name}}
+    save = {"class_type": "STEMSaveInversion", "inputs": {"inversion": ["1", 0], "filename_prefix": "x"}}
     error = run_prompt({"1": load, "2": save}, expect_error=True)
     assert error.kind == "validation" and "not a readable safetensors file" in str(error)
 
@@ -261,5 +284,5 @@ def test_the_executor_refuses_a_bad_inversion_file_and_prefix(run_prompt, inv_mo
     load["inputs"]["inversion_file"] = good.name
     save["inputs"]["filename_prefix"] = "../../escape"
     error = run_prompt({"1": load, "2": save}, expect_error=True)
-    assert error.kind == "execution" and error.node_type == "SaveSTEMInversion"
+    assert error.kind == "execution" and error.node_type == "STEMSaveInversion"
     assert "filename_prefix: '../../escape' points outside ComfyUI's output folder" in error.exception_message

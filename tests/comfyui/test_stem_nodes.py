@@ -18,7 +18,7 @@ def sd(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
     """Model, CLIP, VAE, the clip's latent and three prompts, produced by ComfyUI's own nodes."""
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15_checkpoint}},
-        "2": {"class_type": "LoadVideoFrames", "inputs": {"video": clip_8x64, "frame_load_cap": 0, "skip_first_frames": 0,
+        "2": {"class_type": "STEMLoadVideoFrames", "inputs": {"video": clip_8x64, "frame_load_cap": 0, "skip_first_frames": 0,
                                                           "select_every_nth": 1, "size": 64, "crop": False}},
         "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a man is playing tennis", "clip": ["1", 1]}},
@@ -31,8 +31,9 @@ def sd(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
     return types.SimpleNamespace(
         model=model, clip=clip, vae=vae, latent=r.get_node_output("3")[0], source=r.get_node_output("4")[0],
         positive=r.get_node_output("5")[0], negative=r.get_node_output("6")[0],
-        common=mod("nodes.common"), patch=mod("nodes.attention_patch"), inv=mod("nodes.inversion_nodes"),
-        tf=mod("nodes.tokenflow_edit"), attention=mod("stem.attention"), ddim=mod("stem.ddim"),
+        common=mod("nodes.host.model"), patch=mod("nodes.attention_patch"), inv=mod("nodes.inversion_nodes"),
+        tf=mod("nodes.host.tokenflow_run"), hooks=mod("nodes.host.tokenflow_hooks"), node=mod("nodes.tokenflow_edit"),
+        attention=mod("stem.attention"), ddim=mod("stem.ddim"),
     )
 
 
@@ -62,13 +63,13 @@ def test_attn1_sites_and_pnp_mapping_match_the_host_module_tree(sd):
     decoder = sorted(i for b, i, _ in sites if b == "output")
     assert decoder == list(range(3, 12))
     # REFERENCE §5.2: all decoder self-attentions but the first of the lowest-resolution stage
-    assert list(sd.tf.PNP_ATTN_OUTPUT_BLOCKS) == decoder[1:]
+    assert list(sd.hooks.PNP_ATTN_OUTPUT_BLOCKS) == decoder[1:]
     unet = sd.model.get_model_object("diffusion_model")
     res = unet.output_blocks[4][0]
     assert isinstance(res, ResBlock)
     # diffusers up_blocks[1].resnets[1]: 1280 channels, second resnet of the first attention stage
     assert res.out_layers[-1].out_channels == 1280
-    assert sd.model.get_model_object(sd.tf.PNP_FEATURE_MODULE) is res.out_layers
+    assert sd.model.get_model_object(sd.hooks.PNP_FEATURE_MODULE) is res.out_layers
 
 
 def test_stem_patch_output_equals_stem_attention_on_captured_qkv(sd, monkeypatch):
@@ -94,9 +95,11 @@ def test_stem_patch_output_equals_stem_attention_on_captured_qkv(sd, monkeypatch
     q, k, v, heads, kw, _ = captured[0]
     assert heads == attn1.heads == 8 and kw["num_chunks"] == 2 and q.shape[0] == 16
     gen = torch.Generator().manual_seed(kw["generator"].initial_seed())
+    assert kw["precision"] is None  # SD1.5 asks for no attention precision
     with torch.inference_mode():
         expected = attn1.to_out(sd.attention.stem_attention(q, k, v, 8, num_chunks=2, num_bases=16, generator=gen))
-    torch.testing.assert_close(outs[0], expected, rtol=1e-4, atol=1e-4)
+    # the same functions on the same tensors: only the output projection's kernel may differ
+    harness.assert_fp32_close(outs[0], expected, depth=4)
 
 
 def harness_model_call(model, positive, negative, x, cfg):
@@ -206,57 +209,53 @@ def test_inversion_is_deterministic(sd, inversions):
     assert torch.equal(again.latents, inv.latents)
 
 
-def call_counts(state, hook):
-    out = {}
-    for (step, mode, h, key), n in state.calls.items():
-        if h == hook:
-            out.setdefault((step, mode), {})[key] = n
-    return out
-
-
 def test_tokenflow_pnp_and_propagation_fire_at_reference_blocks_and_steps(sd, inversions):
     inv = inversions["stem"][1]
-    out, state = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, cfg=7.5, batch_size=4, seed=1)
+    out, trace = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, cfg=7.5, batch_size=4, seed=1)
     assert out.shape == sd.latent["samples"].shape and torch.isfinite(out).all()
-    assert not state.split_calls  # three branches in one UNet call per pass, as in the reference
+    assert not trace.split_calls  # three branches in one UNet call per pass, as in the reference
+    KF, PROP = sd.hooks.KEYFRAMES, sd.hooks.PROPAGATION
+    # every pass read its step from its own noise level: a keyframe pass and 2 batches a step
+    assert [(p.step, p.kind, p.batch) for p in trace.passes] == [
+        (s, kind, b) for s in range(STEPS) for kind, b in ((KF, 0), (PROP, 0), (PROP, 1))]
     pnp_blocks = {("output", i, 0) for i in range(4, 12)}
-    qk = call_counts(state, "pnp_qk")
+    qk = trace.calls("pnp_qk")
     # q/k injection: first int(4 * 0.5) = 2 steps, keyframe pass only, exactly the decoder blocks
     # 4..11, once per edit branch (uncond, cond)
-    assert set(qk) == {(0, "kf"), (1, "kf")}
+    assert set(qk) == {(0, KF), (1, KF)}
     for counts in qk.values():
         assert counts == {b: 2 for b in pnp_blocks}
-    feats = call_counts(state, "pnp_features")
+    feats = trace.calls("pnp_features")
     # feature injection: first int(4 * 0.8) = 3 steps, in both passes; 2 propagation batches a step
-    assert set(feats) == {(s, m) for s in range(3) for m in ("kf", "prop")}
-    assert all(c[sd.tf.PNP_FEATURE_MODULE] == (2 if m == "prop" else 1) for (s, m), c in feats.items())
+    assert set(feats) == {(s, m) for s in range(3) for m in (KF, PROP)}
+    assert all(c[sd.hooks.PNP_FEATURE_MODULE] == (2 if m == PROP else 1) for (s, m), c in feats.items())
     # every self-attention runs once per pass: the keyframe pass, and each of the 2 batches
     for hook in ("attn", "out", "norm"):
-        counts = call_counts(state, hook)
+        counts = trace.calls(hook)
         for step in range(STEPS):
-            assert len(counts[(step, "kf")]) == 16 and set(counts[(step, "kf")].values()) == {1}
-            assert len(counts[(step, "prop")]) == 16 and set(counts[(step, "prop")].values()) == {2}
+            if hook != "attn":
+                assert len(counts[(step, PROP)]) == 16 and set(counts[(step, PROP)].values()) == {2}
+            assert len(counts[(step, KF)]) == 16 and set(counts[(step, KF)].values()) == {1}
 
 
-def test_tokenflow_split_branches_give_the_same_edit(sd, inversions):
+def test_tokenflow_split_branches_give_the_same_edit(sd, inversions, monkeypatch):
     """When ComfyUI cannot batch the three branches, the edit redoes the pass source-first and
     the result is the same as the single-call edit."""
     inv = inversions["stem"][1]
-    a, st_a = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, seed=2, steps=2)
-    real = sd.tf.EditState.__init__
+    a, tr_a = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, seed=2, steps=2)
 
-    def forced_split(self, *args, **kw):
-        real(self, *args, **kw)
-        self.split_calls = True
+    class ForcedSplit(sd.tf.RunTrace):
+        def __init__(self):
+            super().__init__()
+            self.split_calls = True
 
-    sd.tf.EditState.__init__ = forced_split
-    try:
-        b, st_b = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, seed=2, steps=2)
-    finally:
-        sd.tf.EditState.__init__ = real
-    assert not st_a.split_calls and st_b.split_calls
-    assert call_counts(st_b, "split_pass")
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(sd.tf, "RunTrace", ForcedSplit)
+    b, tr_b = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, seed=2, steps=2)
+    assert not tr_a.split_calls and tr_b.split_calls
+    assert tr_b.calls("split_pass")
+    # the UNet runs on batches of 3 and of 1 + 2 chunks: the same sums in another order. Depth:
+    # ~100 layers a pass, 2 passes a step, 2 steps; guidance 7.5 scales the difference.
+    harness.assert_fp32_close(b, a, depth=400, gain=7.5)
 
 
 def test_tokenflow_edit_is_seeded(sd, inversions):
@@ -272,7 +271,7 @@ def test_edit_refuses_bad_inputs_clearly(sd, inversions):
         sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=16)
     with pytest.raises(ValueError, match="timesteps"):
         sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=4, steps=3)
-    node = sd.tf.TokenFlowEdit()
+    node = sd.node.TokenFlowEdit()
     other = {"samples": sd.latent["samples"] + 1}
     with pytest.raises(ValueError, match="another clip"):
         node.edit(sd.model, inv, sd.positive, sd.negative, 7.5, 0.5, 0.8, 4, 1, source_latent=other)
@@ -285,18 +284,18 @@ def test_weight_patches_reach_the_layers_tokenflow_wraps(sd, inversions, monkeyp
     """A LoRA is a weight patch on the MODEL; one on a layer inside the module TokenFlow Edit
     replaces with add_object_patch (output_blocks.4.0.out_layers) is applied during the edit,
     and the upstream model keeps no patch."""
-    key = f"{sd.tf.PNP_FEATURE_MODULE}.3.weight"
+    key = f"{sd.hooks.PNP_FEATURE_MODULE}.3.weight"
     weight = sd.model.model_state_dict()[key]
     patched = sd.model.clone()
     assert patched.add_patches({key: (-weight.clone(),)}, 1.0) == [key]  # W + (-W): the layer's weight is 0
     seen = []
-    real_forward = sd.tf.FeatureInjection.forward
+    real_forward = sd.hooks.FeatureInjection.forward
 
     def recording_forward(self, h):
         seen.append(self[3].weight.detach().abs().max().item())
         return real_forward(self, h)
 
-    monkeypatch.setattr(sd.tf.FeatureInjection, "forward", recording_forward)
+    monkeypatch.setattr(sd.hooks.FeatureInjection, "forward", recording_forward)
     inv = inversions["stem"][1]
     sd.tf.tokenflow_edit(patched, inv, sd.positive, sd.negative, batch_size=8, seed=1, steps=2)
     assert seen and max(seen) == 0.0
@@ -383,7 +382,7 @@ def test_unsupported_model_family_is_refused(sd):
 def edit_graph(ckpt, clip, steps=2):
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": {"class_type": "LoadVideoFrames", "inputs": {"video": clip, "frame_load_cap": 8, "skip_first_frames": 0,
+        "2": {"class_type": "STEMLoadVideoFrames", "inputs": {"video": clip, "frame_load_cap": 8, "skip_first_frames": 0,
                                                           "select_every_nth": 1, "size": 64, "crop": False}},
         "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a man is playing tennis", "clip": ["1", 1]}},
@@ -393,7 +392,7 @@ def edit_graph(ckpt, clip, steps=2):
                                                             "seed": 1, "grouping": "whole clip", "frames_per_group": 8}},
         "8": {"class_type": "STEMInvert", "inputs": {"model": ["7", 0], "latent": ["3", 0], "conditioning": ["4", 0], "steps": steps}},
         "9": {"class_type": "FreeU", "inputs": {"model": ["1", 0], "b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}},
-        "10": {"class_type": "TokenFlowEdit", "inputs": {"model": ["9", 0], "inversion": ["8", 0], "positive": ["5", 0],
+        "10": {"class_type": "STEMTokenFlowEdit", "inputs": {"model": ["9", 0], "inversion": ["8", 0], "positive": ["5", 0],
                                                          "negative": ["6", 0], "cfg": 7.5, "pnp_attn_t": 0.5, "pnp_f_t": 0.8,
                                                          "batch_size": 4, "seed": 1}},
         "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
@@ -405,10 +404,15 @@ def test_full_edit_graph_runs_in_the_executor_with_progress_and_previews(sd, run
     r = run_prompt(edit_graph(sd15_checkpoint, clip_8x64))
     files = r.output_files("12")
     assert len(files) == 8 and all(f.exists() for f in files)
-    for node in ("8", "10"):
-        ev = progress_events.for_node(node)
-        assert [e.value for e in ev] == [1, 2] and all(e.total == 2 for e in ev)
-        assert all(e.preview is not None for e in ev)
+    ev = progress_events.for_node("8")  # inversion: one UNet pass a step
+    assert [e.value for e in ev] == [1, 2] and all(e.total == 2 for e in ev)
+    assert all(e.preview is not None for e in ev)
+    # the edit: a keyframe pass and 2 batches a step, 6 passes in all; the bar shows 0 of 6
+    # before the model loads, moves once a pass, and gets the step's preview after the step
+    ev = progress_events.for_node("10")
+    assert all(e.total == 6 for e in ev)
+    assert [e.value for e in ev] == [0, 1, 2, 3, 3, 4, 5, 6, 6]
+    assert [e.preview is not None for e in ev] == [False, False, False, False, True, False, False, False, True]
 
 
 def test_cancel_stops_an_inversion_promptly(sd, run_prompt, sd15_checkpoint, clip_8x64, progress_events):
@@ -438,7 +442,7 @@ def test_v_prediction_models_invert_and_reconstruct(sd):
     abar1 = 1.0 / (1.0 + s1**2)
     with torch.inference_mode():
         raw = base.diffusion_model(x_vp, torch.full((8,), 1.0), context=sd.source[0][0].repeat(8, 1, 1)).float()
-    eps = ddim.eps_from_model_output(raw, x_vp, abar1, "v")
+    eps = abar1**0.5 * raw + (1 - abar1) ** 0.5 * x_vp  # v = sqrt(a) eps - sqrt(1-a) x0, x_vp = sqrt(a) x0 + sqrt(1-a) eps
     x1 = ddim.ddim_step(ddim.from_vp(x_vp, s0), eps, s0, s1)
     torch.testing.assert_close(inv.latents[1], base.process_latent_out(x1), rtol=1e-3, atol=1e-3)
     x0_model = adv.ModelSamplingDiscrete().patch(sd.model, "x0", False)[0]
@@ -452,13 +456,13 @@ def test_fewer_edit_steps_use_a_subset_of_the_inversion_timesteps(sd, inversions
     assert ts == [501, 1]
     assert levels == [inv.sigmas[3].item(), inv.sigmas[1].item(), inv.sigmas[0].item()]
     seen = []
-    real = sd.tf.Inversion.latent_at
+    real = type(inv).latent_at
 
     def spy(self, t):
         seen.append(int(t))
         return real(self, t)
 
-    monkeypatch.setattr(sd.tf.Inversion, "latent_at", spy)
+    monkeypatch.setattr(type(inv), "latent_at", spy)
     out, _ = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, steps=2)
     assert seen[0] == 501  # the edit starts from the inversion's latent at its own first level
     assert seen[1:] == [501, 1] and torch.isfinite(out).all()
@@ -485,3 +489,149 @@ def test_inflated_inversion_runs_and_records_its_mode(sd):
     model = sd.patch.STEMAttentionPatch().patch(sd.model, "inflated", 16, 5, 0.01, 1, "whole clip", 8)[0]
     inv = sd.inv.invert(model, sd.latent["samples"], sd.source, 2)
     assert inv.settings["attention"] == "inflated" and torch.isfinite(inv.latents).all()
+
+
+# --------------------------------------------------------------------------- one DDIM engine
+
+
+def model_as_eps(model, cond):
+    """The model as stem.ddim's eps function, called below the pack's sampler: ComfyUI's own
+    ``apply_model`` (input scaling, eps/v conversion) with the model's patches, on the
+    conditional branch alone (REFERENCE §3), the noise written out here as (x - D) / sigma."""
+    base = model.model
+    options = model.model_options["transformer_options"]
+
+    def eps_fn(x, sigma):
+        s = torch.full((x.shape[0],), sigma, dtype=torch.float32)
+        to = {**options, "cond_or_uncond": [0], "sigmas": s}
+        denoised = base.apply_model(x, s, c_crossattn=cond.repeat(x.shape[0], 1, 1), transformer_options=to)
+        return (x - denoised) / sigma
+
+    return eps_fn
+
+
+@pytest.mark.parametrize("mode", ["per-frame", "stem"])
+def test_stem_invert_and_reconstruct_are_the_stem_ddim_loops(sd, inversions, mode):
+    """What STEM Invert and STEM Reconstruct compute is stem.ddim's loops driven by the model:
+    every recorded level, and the reconstruction, over all steps. The nodes add only the
+    ComfyUI plumbing (guider, KSAMPLER, latent scaling), so the two agree to fp32 rounding,
+    while a 1% error in eps moves the result by ~1e-3 of its scale (tests/stem/test_ddim.py)."""
+    model, inv, rec = inversions["vanilla" if mode == "per-frame" else "stem"]
+    base, cond = model.model, sd.source[0][0]
+    sched = sd.common.model_schedule(model, STEPS)
+    assert inv.sigmas.tolist() == pytest.approx(sched.inversion_sigmas, rel=1e-12)
+    # the levels as a sampler receives them (float32), and reconstruction from the stored latent:
+    # STEM's EM (tau 0.01) turns a rounding-level change of its input into a visible one
+    up = torch.tensor(sched.inversion_sigmas, dtype=torch.float32).tolist()
+    traj = []
+    with torch.inference_mode():
+        eps_fn = model_as_eps(model, cond)
+        sd.ddim.ddim_invert(base.process_latent_in(sd.latent["samples"].float()), eps_fn, up,
+                            lambda i, x, x0: traj.append(base.process_latent_out(x)))
+        back = base.process_latent_out(sd.ddim.ddim_sample(base.process_latent_in(inv.noisiest), eps_fn, up[::-1]))
+    # depth: ~100 layers a UNet call, STEPS calls
+    harness.assert_fp32_close(inv.latents[1:], torch.stack(traj), depth=100 * STEPS)
+    harness.assert_fp32_close(rec, back, depth=100 * 2 * STEPS)
+
+
+# --------------------------------------------------------------------------- attention precision
+
+
+def tiny_sd2(seed=0):
+    """An SD2.x-shaped model from ComfyUI's own SD20 config (linear transformers, 64-channel
+    heads, attn_precision fp32), two levels deep, seeded weights."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    config = sm.SD20({
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "dtype": torch.float32, "in_channels": 4, "model_channels": 64,
+        "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+        "use_linear_in_transformer": True, "context_dim": 32, "num_head_channels": 64,
+        "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False})
+    base = config.get_model({})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+
+
+def test_attention_precision_reaches_every_attention_the_pack_calls(sd, monkeypatch):
+    """SD2.x configs ask for fp32 attention (fp16 SD2.1 without it gives NaN or black frames on
+    a GPU): STEM, inflated and TokenFlow's attention all receive it."""
+    import comfy.ldm.modules.attention as comfy_attention
+
+    model = tiny_sd2()
+    assert model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.attn_precision == torch.float32
+    assert sd.common.check_model(model) in ("eps", "v")
+    cond = [[torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1)), {}]]
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    seen, captured = [], []
+    for name in ("stem_attention", "full_attention"):
+        real = getattr(sd.patch, name)
+        monkeypatch.setattr(sd.patch, name, lambda *a, _real=real, _name=name, **kw: seen.append((_name, kw["precision"]))
+                            or _real(*a, **kw))
+    for mode in ("stem", "inflated"):
+        patched = sd.patch.apply_attention_patch(model, stem_settings(attention=mode, num_bases=4))
+        patched.set_model_attn1_output_patch(lambda n, eo: captured.append(eo) or n)
+        harness_model_call(patched, cond, cond, x, cfg=1.0)
+    sites = len(sd.common.attn1_sites(model))
+    assert seen == [("stem_attention", torch.float32)] * sites + [("full_attention", torch.float32)] * sites
+
+    # TokenFlow's keyframe pass on that model's layer options: the source branch through
+    # ComfyUI's attention, the edit branches through stem.tokenflow, all with fp32
+    got = []
+    real_attention = comfy_attention.optimized_attention
+    monkeypatch.setattr(comfy_attention, "optimized_attention",
+                        lambda *a, **kw: got.append(("comfy", kw.get("attn_precision"))) or real_attention(*a, **kw))
+    real_kf = sd.hooks.keyframe_attention
+    monkeypatch.setattr(sd.hooks, "keyframe_attention",
+                        lambda *a: got.append(("keyframes", a[5])) or real_kf(*a))
+    h = sd.hooks
+    ctx = h.PassContext(h.KEYFRAMES, 0, 2, torch.tensor([0, 2]), torch.zeros(2), True, True, False, h.KeyframeRecord())
+    eo = {**captured[0], "block": ("output", 5), "block_index": 0, "cond_or_uncond": [h.SOURCE, 1, 0],
+          h.CONTEXT_KEY: ctx}
+    q = torch.randn(6, 16, 64)
+    h.attn_replace(q, q, q, eo)
+    assert got == [("comfy", torch.float32), ("keyframes", torch.float32), ("keyframes", torch.float32)]
+
+
+# --------------------------------------------------------------------------- what a new user met
+
+
+def test_tokenflow_edit_says_when_it_does_not_use_a_stem_patch(sd, inversions, caplog):
+    """TokenFlow puts its own attention on every layer: a STEM-patched MODEL edits exactly like
+    the plain one, and the node says so in the log and on the node."""
+    import logging
+
+    inv = inversions["stem"][1]
+    node = sd.node.TokenFlowEdit()
+    plain = node.edit(sd.model, inv, sd.positive, sd.negative, 7.5, 0.5, 0.8, 8, 1, steps=2)
+    with caplog.at_level(logging.WARNING, logger="ComfyUI-STEM"):
+        patched = node.edit(sd.patch.apply_stem_patch(sd.model, stem_settings()), inv, sd.positive, sd.negative,
+                            7.5, 0.5, 0.8, 8, 1, steps=2)
+    assert isinstance(plain, tuple)  # nothing to say
+    (text,) = patched["ui"]["text"]
+    assert "STEM Attention Patch ('stem'), which the edit does not use" in text
+    assert any(r.getMessage() == text for r in caplog.records)
+    assert torch.equal(patched["result"][0]["samples"], plain[0]["samples"])
+
+
+def test_errors_show_a_type_name_without_a_file_path(run_prompt, sd15_checkpoint, clip_8x64):
+    """ComfyUI shows module.QualName; a custom node's module name is its folder's path."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15_checkpoint}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a clip", "clip": ["1", 1]}},
+        "4": {"class_type": "STEMInvert", "inputs": {"model": ["1", 0], "latent": ["2", 0], "conditioning": ["3", 0], "steps": 2}},
+        "5": {"class_type": "STEMTokenFlowEdit", "inputs": {"model": ["1", 0], "inversion": ["4", 0], "positive": ["3", 0],
+                                                           "negative": ["3", 0], "cfg": 7.5, "pnp_attn_t": 0.5, "pnp_f_t": 0.8,
+                                                           "batch_size": 8, "seed": 1}},
+    }
+    err = run_prompt(prompt, expect_error=True)
+    assert err.kind == "execution" and err.node_type == "STEMTokenFlowEdit"
+    assert err.exception_type == "ComfyUI-STEM.StemError"
+    assert err.exception_message.startswith("batch_size: the clip has 2 frames")

@@ -30,7 +30,7 @@ def mod(pack):
 
 @pytest.fixture
 def node(pack):
-    return pack.NODE_CLASS_MAPPINGS["LoadVideoFrames"]
+    return pack.NODE_CLASS_MAPPINGS["STEMLoadVideoFrames"]
 
 
 @pytest.fixture
@@ -94,10 +94,25 @@ def test_outputs_frames_count_fps_and_size_of_a_clip(node, dirs):
 
 def test_size_sets_the_short_side_and_crop_makes_a_square(node, dirs):
     _write_clip(dirs["input"] / "clip.mp4", n=4)
-    frames, count, _, width, height = _run(node, "clip.mp4", size=32)
-    assert (width, height) == (40, 32) and tuple(frames.shape) == (4, 32, 40, 3)  # 64*32/48 = 42.7 -> 40
-    frames, _, _, width, height = _run(node, "clip.mp4", size=32, crop=True)
-    assert (width, height) == (32, 32) and tuple(frames.shape) == (4, 32, 32, 3)
+    frames, count, _, width, height = _run(node, "clip.mp4", size=72)
+    assert (width, height) == (96, 72) and tuple(frames.shape) == (4, 72, 96, 3)  # 64*72/48 = 96
+    frames, _, _, width, height = _run(node, "clip.mp4", size=72, crop=True)
+    assert (width, height) == (72, 72) and tuple(frames.shape) == (4, 72, 72, 3)
+
+
+@pytest.mark.parametrize("size", [4, 8, 32, 63])
+def test_a_size_too_small_for_sd_is_refused_at_validation_and_by_the_node(node, dirs, size):
+    """Once, 4 became 8 px without a word; SD needs a short side of 64 px (8 latent pixels)."""
+    _write_clip(dirs["input"] / "clip.mp4", n=4)
+    message = node.VALIDATE_INPUTS(video="clip.mp4", size=size)
+    assert isinstance(message, str) and message.startswith(f"size: {size} px is below 64 px") and "use 0" in message
+    with pytest.raises(ValueError, match=f"size: {size} px is below 64 px"):
+        _run(node, "clip.mp4", size=size)
+    assert node.VALIDATE_INPUTS(video="clip.mp4", size=64) is True
+    assert node.VALIDATE_INPUTS(video="clip.mp4", size=0) is True
+    assert "must be 0" in node.VALIDATE_INPUTS(video="clip.mp4", size=-8)
+    # a linked size is checked when the node runs
+    assert node.VALIDATE_INPUTS(video="clip.mp4", size=None, input_types={"size": "INT"}) is True
 
 
 def test_a_folder_of_images_loads_in_natural_order_at_the_default_fps(node, mod, dirs):
@@ -118,22 +133,20 @@ def test_a_clip_uploaded_into_a_sub_folder_validates_and_loads(node, dirs):
 # --------------------------------------------------------------------------- IS_CHANGED
 
 
-def test_is_changed_follows_the_file_content_and_the_options(node, dirs):
+def test_is_changed_follows_size_time_and_options_without_reading_the_file(node, dirs):
+    """As core LoadVideo: the file's size and modification time, never its contents (a clip can be
+    hundreds of MB and IS_CHANGED runs on every queue)."""
     path = _write_clip(dirs["input"] / "clip.mp4", n=6)
-    first = node.IS_CHANGED(video="clip.mp4", **OPTS)
-    assert node.IS_CHANGED(video="clip.mp4", **OPTS) == first
-    os.utime(path, (1_000_000, 1_000_000))  # touching alone changes nothing
-    assert node.IS_CHANGED(video="clip.mp4", **OPTS) == first
-    assert node.IS_CHANGED(video="clip.mp4", **{**OPTS, "select_every_nth": 2}) != first
-
-    # same name, same size, same time stamp, one byte different: only a content hash sees it
-    stat = path.stat()
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert path.stat().st_size == stat.st_size
-    assert node.IS_CHANGED(video="clip.mp4", **OPTS) != first
+    with harness.forbid_reading(path):
+        first = node.IS_CHANGED(video="clip.mp4", **OPTS)
+        assert node.IS_CHANGED(video="clip.mp4", **OPTS) == first
+        assert node.IS_CHANGED(video="clip.mp4", **{**OPTS, "select_every_nth": 2}) != first
+        os.utime(path, (1_000_000, 1_000_000))  # a new time stamp: run again
+        touched = node.IS_CHANGED(video="clip.mp4", **OPTS)
+    assert touched != first
+    _write_clip(path, n=7)  # new content, new size
+    os.utime(path, (1_000_000, 1_000_000))
+    assert node.IS_CHANGED(video="clip.mp4", **OPTS) != touched
 
 
 def test_is_changed_of_a_folder_follows_its_frames(node, dirs):
@@ -233,7 +246,7 @@ def test_a_clip_that_would_not_fit_in_memory_is_refused_before_decoding(node, mo
     def must_not_decode(*args, **kwargs):
         raise AssertionError("decoded although the memory check should have refused")
 
-    monkeypatch.setattr(mod, "available_memory", lambda: 200_000)
+    monkeypatch.setattr(mod, "free_memory", lambda device=None: 200_000)
     monkeypatch.setattr(mod, "load_video", must_not_decode)
     with pytest.raises(ValueError) as err:
         _run(node, "clip.mp4", size=64)
@@ -248,23 +261,28 @@ def test_a_clip_that_would_not_fit_in_memory_is_refused_before_decoding(node, mo
 def test_the_memory_check_lets_a_clip_through_that_fits(node, mod, dirs, monkeypatch):
     _write_clip(dirs["input"] / "clip.mp4", n=10)
     # 10 x 48 x 64 x 3 x 4 = 368,640 bytes; x1.25 = 460,800; half of 1 MB is 500,000
-    monkeypatch.setattr(mod, "available_memory", lambda: 1_000_000)
+    monkeypatch.setattr(mod, "free_memory", lambda device=None: 1_000_000)
     assert _run(node, "clip.mp4")[1] == 10
-    monkeypatch.setattr(mod, "available_memory", lambda: 900_000)
+    monkeypatch.setattr(mod, "free_memory", lambda device=None: 900_000)
     with pytest.raises(ValueError, match="need about"):
         _run(node, "clip.mp4")
 
 
-def test_available_memory_reads_a_plausible_number(mod):
-    free = mod.available_memory()
+def test_free_memory_is_the_hosts_figure(pack):
+    import comfy.model_management as mm
+    import torch
+
+    memory = harness.pack_submodule(pack, "nodes.host.memory")
+    free = memory.free_memory("cpu")
     assert free is not None and 10**7 < free < 10**14
+    assert abs(free - mm.get_free_memory(torch.device("cpu"))) < 2**28  # the same count, a moment apart
 
 
 # --------------------------------------------------------------------------- through the executor
 
 
 def _prompt(video, **options):
-    return {"1": {"class_type": "LoadVideoFrames", "inputs": {"video": video, **{**OPTS, **options}}}}
+    return {"1": {"class_type": "STEMLoadVideoFrames", "inputs": {"video": video, **{**OPTS, **options}}}}
 
 
 def test_the_executor_runs_the_node_on_a_generated_clip(run_prompt, get_node_output, clip_8x64):
@@ -277,12 +295,12 @@ def test_the_executor_runs_the_node_on_a_generated_clip(run_prompt, get_node_out
 
 def test_the_executor_reruns_the_node_only_when_the_file_changes(run_prompt, make_clip):
     name = make_clip(f"stem_rerun_{os.getpid()}.mp4", frames=4)
-    first = run_prompt(_prompt(name, size=32))
+    first = run_prompt(_prompt(name, size=64))
     assert "1" in first.executed_nodes
-    again = run_prompt(_prompt(name, size=32))
+    again = run_prompt(_prompt(name, size=64))
     assert "1" not in again.executed_nodes and "1" in again.cached_nodes
     make_clip(name, frames=5)  # new content under the same name
-    changed = run_prompt(_prompt(name, size=32))
+    changed = run_prompt(_prompt(name, size=64))
     assert "1" in changed.executed_nodes and changed.get_node_output("1")[1] == 5
 
 

@@ -39,12 +39,12 @@ RUN_TIMEOUT = 600
 # What the tests change: (class_type, input) -> value; "<ckpt>" / "<clip>" are filled in.
 SMALL = {
     ("CheckpointLoaderSimple", "ckpt_name"): "<ckpt>",
-    ("LoadVideoFrames", "video"): "<clip>",
-    ("LoadVideoFrames", "size"): SIZE,
-    ("LoadVideoFrames", "frame_load_cap"): FRAMES,
+    ("STEMLoadVideoFrames", "video"): "<clip>",
+    ("STEMLoadVideoFrames", "size"): SIZE,
+    ("STEMLoadVideoFrames", "frame_load_cap"): FRAMES,
     ("STEMAttentionPatch", "num_bases"): 32,
     ("STEMInvert", "steps"): 2,
-    ("TokenFlowEdit", "batch_size"): 4,
+    ("STEMTokenFlowEdit", "batch_size"): 4,
     ("KSampler", "steps"): 2,
 }
 TIMES: dict[str, float] = {}
@@ -256,7 +256,7 @@ def test_workflow_runs(server, name):
         finally:
             cap.release()
         assert n == FRAMES and h == SIZE, f"{name}: {path.name} has {n} frames of height {h}"
-    for nid in (nid for nid, n in prompt.items() if n["class_type"] == "VideoMetrics"):
+    for nid in (nid for nid, n in prompt.items() if n["class_type"] == "STEMVideoMetrics"):
         # issue 5: the three-way comparison's plot is previewed, and its CSV written
         previews = [i for pid_, n in prompt.items() if n["class_type"] == "PreviewImage"
                     and n["inputs"]["images"][0] == nid for i in hist["outputs"].get(pid_, {}).get("images", [])]

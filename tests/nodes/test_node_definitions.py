@@ -36,9 +36,9 @@ def test_pack_imports_without_comfyui(pack):
 
 def test_the_file_nodes_are_exported(pack):
     expected = {
-        "LoadVideoFrames": "Load Video Frames",
-        "SaveSTEMInversion": "Save STEM Inversion",
-        "LoadSTEMInversion": "Load STEM Inversion",
+        "STEMLoadVideoFrames": "Load Video Frames",
+        "STEMSaveInversion": "Save STEM Inversion",
+        "STEMLoadInversion": "Load STEM Inversion",
     }
     for key, title in expected.items():
         assert key in pack.NODE_CLASS_MAPPINGS
@@ -52,7 +52,7 @@ def test_every_node_has_a_display_name(pack):
 
 @pytest.mark.parametrize("key,cls", _nodes(), ids=[k for k, _ in _nodes()])
 def test_node_definition_is_complete(key, cls, fake_folder_paths):
-    common = sys.modules[f"{PACK}.nodes.common"]
+    common = sys.modules[f"{PACK}.nodes.host.base"]
     assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40, f"{key}: DESCRIPTION missing or too short"
     assert cls.CATEGORY == common.CATEGORY
     assert callable(getattr(cls, cls.FUNCTION, None)), f"{key}: FUNCTION {cls.FUNCTION!r} is not a method"
@@ -90,7 +90,7 @@ def test_node_definition_is_complete(key, cls, fake_folder_paths):
 
 
 def test_load_video_frames_signature(pack, fake_folder_paths):
-    cls = pack.NODE_CLASS_MAPPINGS["LoadVideoFrames"]
+    cls = pack.NODE_CLASS_MAPPINGS["STEMLoadVideoFrames"]
     req = cls.INPUT_TYPES()["required"]
     assert list(req) == ["video", "frame_load_cap", "skip_first_frames", "select_every_nth", "size", "crop"]
     assert req["video"][1].get("video_upload") is True
@@ -112,18 +112,18 @@ def test_video_list_shows_videos_and_image_folders_only(pack, fake_folder_paths)
     (inp / "empty").mkdir()
     (inp / "clipspace").mkdir()
     (inp / "clipspace" / "mask.png").write_bytes(b"x")
-    combo = pack.NODE_CLASS_MAPPINGS["LoadVideoFrames"].INPUT_TYPES()["required"]["video"][0]
+    combo = pack.NODE_CLASS_MAPPINGS["STEMLoadVideoFrames"].INPUT_TYPES()["required"]["video"][0]
     assert combo == ["a.webm", "b.MP4", "c.gif", "d.mkv", "e.mov", "f.avi", "frames"]
 
 
 def test_save_and_load_inversion_signatures(pack, fake_folder_paths):
-    save = pack.NODE_CLASS_MAPPINGS["SaveSTEMInversion"]
+    save = pack.NODE_CLASS_MAPPINGS["STEMSaveInversion"]
     spec = save.INPUT_TYPES()
     assert spec["required"]["inversion"][0] == "STEM_INVERSION"
     assert spec["required"]["filename_prefix"][1]["default"] == "stem_inversion/clip"
     assert spec["optional"]["dtype"][0] == ["float32", "float16"]
     assert save.RETURN_TYPES == () and save.OUTPUT_NODE is True
-    load = pack.NODE_CLASS_MAPPINGS["LoadSTEMInversion"]
+    load = pack.NODE_CLASS_MAPPINGS["STEMLoadInversion"]
     assert load.RETURN_TYPES == ("STEM_INVERSION",)
     assert load.INPUT_TYPES()["required"]["inversion_file"][0] == []
 
@@ -140,7 +140,7 @@ class _FakeControl:
 def test_tokenflow_frame_hints_cut_per_frame_hints_and_put_them_back(pack):
     import torch
 
-    frame_hints = sys.modules[f"{PACK}.nodes.tokenflow_edit"].frame_hints
+    frame_hints = sys.modules[f"{PACK}.nodes.host.control_hints"].frame_hints
     per_frame = torch.arange(8.0).view(8, 1, 1, 1)
     single = torch.ones(1, 1, 1, 1)
     other = torch.zeros(5, 1, 1, 1)

@@ -1,0 +1,244 @@
+"""TokenFlow's hooks on the UNet (REFERENCE §5): what one pass does in every transformer block.
+
+Every UNet call of an edit carries its own :class:`PassContext` in
+``transformer_options[CONTEXT_KEY]``, as core's PAG hands its per-call options to its attention
+replacement: whether it is the keyframe pass or a propagation pass, which batch, the source
+latent of its frames, and whether the PnP windows are open at its noise level. The hooks read
+that context; a call without one (the same model used elsewhere) gets plain attention.
+
+Within a pass the branches write what the others read:
+- :class:`SourceRecord`, written by the source branch only: its keyframe q/k for the PnP
+  substitution, its nearest-neighbour fields, its injected ResNet features;
+- :class:`KeyframeRecord`, written by the step's keyframe pass and read by the step's
+  propagation passes: the source ``norm1(x)`` of the keyframes and every branch's keyframe
+  self-attention output.
+The maths lives in ``stem.tokenflow``; the hooks only route tensors to it.
+"""
+from __future__ import annotations
+
+import contextvars
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ...stem.tokenflow import NNFields, batch_fields, keyframe_attention, propagate_outputs
+from .model import attention_precision, attn1_sites, refuse_split_frames, site_key
+
+# REFERENCE §5.2: decoder self-attentions 4..11 get the source's q and k; the residual branch
+# of output_blocks[4][0] (diffusers up_blocks[1].resnets[1]) gets the source's features.
+PNP_ATTN_OUTPUT_BLOCKS = range(4, 12)
+PNP_FEATURE_MODULE = "diffusion_model.output_blocks.4.0.out_layers"
+WRAPPER_KEY = "comfyui-stem.tokenflow"
+CONTEXT_KEY = "stem_tokenflow"
+
+KEYFRAMES, PROPAGATION = "keyframes", "propagation"
+# positions of the conds in each calc_cond_batch call; the source goes last so that ComfyUI,
+# when it must split the batch, runs it first
+POSITIVE, NEGATIVE, SOURCE = 0, 1, 2
+
+
+class SourceMissing(RuntimeError):
+    """An edit branch ran before the source branch of the same pass."""
+
+
+@dataclass
+class KeyframeRecord:
+    """What one step's keyframe pass leaves for that step's propagation passes."""
+
+    source_norm: dict = field(default_factory=dict)  # block -> source norm1(x) of the keyframes [K, N, C]
+    outputs: dict = field(default_factory=dict)  # block -> {branch: self-attention output [K, N, C]}
+
+
+@dataclass
+class SourceRecord:
+    """What the source branch of one pass writes and its edit branches read."""
+
+    qk: dict = field(default_factory=dict)  # block -> (q, k) of the source keyframes (PnP window)
+    fields: dict = field(default_factory=dict)  # block -> NNFields of the batch (propagation pass)
+    features: torch.Tensor | None = None  # source residual branch of output_blocks[4][0]
+
+
+@dataclass
+class PassContext:
+    """One UNet call of the edit: a keyframe pass or the propagation pass of one batch."""
+
+    kind: str  # KEYFRAMES or PROPAGATION
+    batch: int  # the propagation batch b (0 in the keyframe pass)
+    batch_size: int
+    keyframes: torch.Tensor  # [K] absolute keyframe indices of this step
+    source_latent: torch.Tensor  # the inversion's latent of this pass's frames, at this level
+    inject_attention: bool  # PnP q/k window open at this level
+    inject_features: bool  # PnP feature window open at this level
+    use_true_positions: bool
+    keyframe_record: KeyframeRecord
+    source: SourceRecord = field(default_factory=SourceRecord)
+    calls: Counter = field(default_factory=Counter)  # (hook, block) -> count, for tests and debugging
+
+    def fresh(self) -> "PassContext":
+        """The same pass, to be run again from the start."""
+        return PassContext(self.kind, self.batch, self.batch_size, self.keyframes, self.source_latent,
+                           self.inject_attention, self.inject_features, self.use_true_positions,
+                           self.keyframe_record)
+
+
+# The pass whose UNet call is running, with its cond_or_uncond layout: the feature module is a
+# plain nn.Module that no transformer_options reach, so the APPLY_MODEL wrapper sets this for
+# the duration of the call.
+_current_pass: contextvars.ContextVar = contextvars.ContextVar("stem_tokenflow_pass", default=None)
+
+
+def _layout(extra_options: dict) -> list[int]:
+    return list(extra_options.get("cond_or_uncond") or [POSITIVE])
+
+
+def _branches(x: torch.Tensor, layout: list[int]) -> list[tuple[int, torch.Tensor]]:
+    return list(zip(layout, x.chunk(len(layout))))
+
+
+def _need(record: dict, key, what: str):
+    if key not in record:
+        raise SourceMissing(what)
+    return record[key]
+
+
+def norm_patch(n, context, value, extra_options):
+    """attn1 patch: the source branch's ``norm1(x)``. Recorded for the keyframes; in a
+    propagation pass it gives the batch's nearest-neighbour fields (REFERENCE §5.4)."""
+    ctx: PassContext | None = extra_options.get(CONTEXT_KEY)
+    if ctx is None:
+        return n, context, value
+    refuse_split_frames(extra_options)
+    key = site_key(extra_options)
+    ctx.calls["norm", key] += 1
+    for c, part in _branches(n, _layout(extra_options)):
+        if c != SOURCE:
+            continue
+        if ctx.kind == KEYFRAMES:
+            ctx.keyframe_record.source_norm[key] = part
+        else:
+            ctx.source.fields[key] = batch_fields(part, ctx.keyframe_record.source_norm[key], ctx.batch,
+                                                  ctx.batch_size, ctx.keyframes, ctx.use_true_positions)
+    return n, context, value
+
+
+def attn_replace(q, k, v, extra_options):
+    """attn1 replacement. Keyframe pass: the source keeps SD's per-frame attention, each edit
+    branch attends over all keyframes, with the source's q/k in the PnP blocks and window.
+    Propagation pass: nothing to compute, the output patch supplies the result."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    ctx: PassContext | None = extra_options.get(CONTEXT_KEY)
+    heads, precision = extra_options["n_heads"], extra_options.get("attn_precision")
+    if ctx is None:
+        return optimized_attention(q, k, v, heads, attn_precision=precision)
+    if ctx.kind == PROPAGATION:
+        return torch.zeros_like(q)
+    key = site_key(extra_options)
+    ctx.calls["attn", key] += 1
+    layout = _layout(extra_options)
+    pnp = ctx.inject_attention and key[0] == "output" and key[1] in PNP_ATTN_OUTPUT_BLOCKS
+    parts = {c: (qc, kc, vc) for (c, qc), (_, kc), (_, vc) in zip(_branches(q, layout), _branches(k, layout),
+                                                                   _branches(v, layout))}
+    if SOURCE in parts and pnp:
+        ctx.source.qk[key] = parts[SOURCE][:2]
+    out = []
+    for c in layout:
+        qc, kc, vc = parts[c]
+        if c == SOURCE:
+            out.append(optimized_attention(qc, kc, vc, heads, attn_precision=precision))
+            continue
+        source_qk = None
+        if pnp:
+            ctx.calls["pnp_qk", key] += 1
+            source_qk = _need(ctx.source.qk, key, "source q/k")
+        out.append(keyframe_attention(qc, kc, vc, heads, source_qk, attention_precision(extra_options, q.dtype)))
+    return torch.cat(out)
+
+
+def output_patch(n, extra_options):
+    """attn1 output patch. Keyframe pass: record every branch's self-attention output.
+    Propagation pass: replace it with the keyframes' outputs at the nearest neighbours."""
+    ctx: PassContext | None = extra_options.get(CONTEXT_KEY)
+    if ctx is None:
+        return n
+    key = site_key(extra_options)
+    ctx.calls["out", key] += 1
+    layout = _layout(extra_options)
+    recorded = ctx.keyframe_record.outputs.setdefault(key, {})
+    if ctx.kind == KEYFRAMES:
+        for c, part in _branches(n, layout):
+            recorded[c] = part
+        return n
+    fields: NNFields = _need(ctx.source.fields, key, "source nearest neighbours")
+    b = ctx.batch
+    out_b = torch.stack([recorded[c][b] for c in layout])
+    out_prev = torch.stack([recorded[c][b - 1] for c in layout]) if b > 0 else None
+    out = propagate_outputs(out_b, fields, out_prev)  # [G, F, N, C]
+    return out.reshape(-1, *out.shape[2:]).to(n.dtype)
+
+
+class FeatureInjection(torch.nn.Sequential):
+    """``out_layers`` of output_blocks[4][0] with the PnP feature injection (REFERENCE §5.2).
+
+    It holds the original layers under their own names, so weight patches (LoRA) that address
+    ``...out_layers.3.weight`` still find them. Installed with ``add_object_patch``.
+    """
+
+    def forward(self, h):
+        h = super().forward(h)
+        current = _current_pass.get()
+        if current is None:
+            return h
+        ctx, layout = current
+        ctx.calls["features", PNP_FEATURE_MODULE] += 1
+        parts = dict(_branches(h, layout))
+        if SOURCE in parts:
+            ctx.source.features = parts[SOURCE]
+        if not ctx.inject_features or list(parts) == [SOURCE]:
+            return h
+        ctx.calls["pnp_features", PNP_FEATURE_MODULE] += 1
+        if ctx.source.features is None:
+            raise SourceMissing("source features")
+        src = ctx.source.features.to(h.dtype)
+        return torch.cat([part if c == SOURCE else src for c, part in parts.items()])
+
+
+def source_swap(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+    """APPLY_MODEL wrapper: the source rows of the batch get the inversion's latent, and the
+    call's pass is made current for the feature module."""
+    ctx: PassContext | None = transformer_options.get(CONTEXT_KEY)
+    if ctx is None:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    layout = _layout(transformer_options)
+    if SOURCE in layout:
+        F = x.shape[0] // len(layout)
+        i = layout.index(SOURCE)
+        x = torch.cat([x[: i * F], ctx.source_latent.to(x), x[(i + 1) * F:]])
+    token = _current_pass.set((ctx, layout))
+    try:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    finally:
+        _current_pass.reset(token)
+
+
+def with_pass(model_options: dict, ctx: PassContext) -> dict:
+    """A copy of ``model_options`` whose transformer_options carry ``ctx`` (the model's own
+    options are left as they are)."""
+    options = dict(model_options)
+    options["transformer_options"] = {**model_options.get("transformer_options", {}), CONTEXT_KEY: ctx}
+    return options
+
+
+def build_edit_model(model):
+    """A clone of ``model`` with TokenFlow's hooks; they act only in calls that carry a pass."""
+    import comfy.patcher_extension
+
+    m = model.clone()
+    m.set_model_attn1_patch(norm_patch)
+    for block, idx, tidx in attn1_sites(m):
+        m.set_model_attn1_replace(attn_replace, block, idx, tidx)
+    m.set_model_attn1_output_patch(output_patch)
+    m.add_object_patch(PNP_FEATURE_MODULE, FeatureInjection(*m.get_model_object(PNP_FEATURE_MODULE)))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, source_swap)
+    return m
