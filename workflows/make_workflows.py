@@ -62,14 +62,14 @@ NODE_TYPES: dict[str, NodeType] = {
     "Note": NodeType(("text",), (), (), virtual=True),
     "PreviewImage": NodeType((), (("images", "IMAGE", False),), ()),
     # -- this pack (nodes/) --------------------------------------------------------------------
-    "LoadVideoFrames": NodeType(
+    "STEMLoadVideoFrames": NodeType(
         ("video", "frame_load_cap", "skip_first_frames", "select_every_nth", "size", "crop"), (),
         (("frames", "IMAGE"), ("frame_count", "INT"), ("fps", "FLOAT"), ("width", "INT"), ("height", "INT")),
         upload=True, core=False),
     "STEMAttentionPatch": NodeType(
         ("attention", "num_bases", "em_iters", "tau", "seed", "grouping", "frames_per_group"), (("model", "MODEL", False),),
         (("MODEL", "MODEL"),), control_after=("seed",), core=False),
-    "VideoMetrics": NodeType(
+    "STEMVideoMetrics": NodeType(
         ("label_1", "label_2", "label_3", "filename_prefix"),
         (("source", "IMAGE", False), ("video_1", "IMAGE", False), ("video_2", "IMAGE", True), ("video_3", "IMAGE", True),
          ("inversion_1", "STEM_INVERSION", True), ("inversion_2", "STEM_INVERSION", True),
@@ -82,7 +82,7 @@ NODE_TYPES: dict[str, NodeType] = {
         (), (("model", "MODEL", False), ("inversion", "STEM_INVERSION", False),
              ("conditioning", "CONDITIONING", True), ("source_latent", "LATENT", True)),
         (("LATENT", "LATENT"),), core=False),
-    "TokenFlowEdit": NodeType(
+    "STEMTokenFlowEdit": NodeType(
         ("cfg", "pnp_attn_t", "pnp_f_t", "batch_size", "seed", "steps", "keyframe_positions"),
         (("model", "MODEL", False), ("inversion", "STEM_INVERSION", False), ("positive", "CONDITIONING", False),
          ("negative", "CONDITIONING", False), ("source_conditioning", "CONDITIONING", True),
@@ -117,7 +117,7 @@ class N:
 
 
 def _load_clip(nid, pos):
-    return N(nid, "LoadVideoFrames", pos, (320, 460),
+    return N(nid, "STEMLoadVideoFrames", pos, (320, 460),
              {"video": DEFAULT_CLIP, "frame_load_cap": 0, "skip_first_frames": 0, "select_every_nth": 1,
               "size": 512, "crop": False})
 
@@ -186,7 +186,7 @@ def tokenflow_edit():
         N(9, "FreeU", (860, 300), (320, 130), {"b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}, {"model": (2, 0)}),
         N(10, "STEMInvert", (1240, 0), (320, 120), {"steps": 50},
           {"model": (8, 0), "latent": (7, 0), "conditioning": (4, 0)}),
-        N(11, "TokenFlowEdit", (1240, 180), (340, 330),
+        N(11, "STEMTokenFlowEdit", (1240, 180), (340, 330),
           {"cfg": 7.5, "pnp_attn_t": 0.5, "pnp_f_t": 0.8, "batch_size": 8, "seed": 1, "steps": 0,
            "keyframe_positions": "reference (batch middle)"},
           {"model": (9, 0), "inversion": (10, 0), "positive": (5, 0), "negative": (6, 0), "source_latent": (7, 0)},
@@ -257,7 +257,7 @@ def inversion_reconstruction():
         N(21, "ImageStitch", (2220, 400), (270, 150),
           {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"},
           {"image1": (14, 0), "image2": (20, 0)}, title="source | STEM | DDIM | inflated"),
-        N(22, "VideoMetrics", (1960, 700), (320, 260),
+        N(22, "STEMVideoMetrics", (1960, 700), (320, 260),
           {"label_1": "per-frame DDIM", "label_2": "STEM", "label_3": "inflated",
            "filename_prefix": "stem/inversion_metrics"},
           {"source": (3, 0), "video_1": (12, 0), "video_2": (9, 0), "video_3": (20, 0),
@@ -276,7 +276,8 @@ def attention_ksampler():
         "Lower denoise keeps more of the source; the seed is fixed so reruns match.\n\n"
         "Output: ComfyUI/output/stem/ksampler_stem_*.mp4 and a side-by-side comparison, source | result "
         "(ksampler_compare_*.mp4).\n\n"
-        "Time: 20 steps x 0.6 = 12 denoising steps over all frames at once; seconds to minutes on a GPU at 512, "
+        "Time: 20 UNet steps over all frames at once (KSampler runs every step at any denoise; denoise only "
+        "sets the noise level it starts from); seconds to minutes on a GPU at 512, "
         "much longer on a CPU (try size 256, frame_load_cap 16)."
     )
     nodes = [
