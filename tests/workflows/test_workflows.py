@@ -259,13 +259,13 @@ def test_tokenflow_workflow_has_the_reference_defaults():
     wf = ui("stem_tokenflow_edit")
     p = {n["id"]: n for n in wf["nodes"]}
     assert _node(wf, "STEMInvert")["widgets_values"] == [50]
-    assert _node(wf, "TokenFlowEdit")["widgets_values"] == [7.5, 0.5, 0.8, 8, 1, "fixed", 0, "reference (batch middle)"]
+    assert _node(wf, "STEMTokenFlowEdit")["widgets_values"] == [7.5, 0.5, 0.8, 8, 1, "fixed", 0, "reference (batch middle)"]
     assert _node(wf, "STEMAttentionPatch")["widgets_values"] == ["stem", 256, 5, 0.01, 1, "fixed", "whole clip", 8]
     assert _node(wf, "FreeU")["widgets_values"] == [1.2, 1.4, 0.9, 0.2]
-    assert _node(wf, "LoadVideoFrames")["widgets_values"][4:6] == [512, False]
+    assert _node(wf, "STEMLoadVideoFrames")["widgets_values"][4:6] == [512, False]
     assert _node(wf, "CLIPTextEncode", "Negative prompt")["widgets_values"] == [
         "ugly, blurry, low res, unrealistic, unaesthetic"]
-    edit = _node(wf, "TokenFlowEdit")["id"]
+    edit = _node(wf, "STEMTokenFlowEdit")["id"]
     invert = _node(wf, "STEMInvert")["id"]
     assert "STEMAttentionPatch" not in _upstream_types(wf, edit, "model")  # the edit runs unpatched...
     assert "FreeU" in _upstream_types(wf, edit, "model")  # ...with FreeU
@@ -290,6 +290,11 @@ def test_ksampler_workflow_samples_with_the_patched_model():
     assert "STEMAttentionPatch" in _upstream_types(wf, ks["id"], "model")
     assert "VAEEncode" in _upstream_types(wf, ks["id"], "latent_image")
     assert 0 < ks["widgets_values"][-1] < 1 and ks["widgets_values"][1] == "fixed"
+    # KSampler runs all its steps at any denoise (denoise picks the starting level from a
+    # longer schedule), so the note's time must count every step, not steps x denoise
+    note = _node(wf, "Note")["widgets_values"][0]
+    steps, denoise = ks["widgets_values"][2], ks["widgets_values"][-1]
+    assert f"{steps} UNet steps" in note and f"{int(steps * denoise)} denoising steps" not in note
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -302,3 +307,13 @@ def test_each_workflow_explains_itself_and_saves_video(name):
         assert must in text, f"{name}: the note does not mention {must!r}"
     assert any(n["type"] == "SaveVideo" for n in wf["nodes"])
     assert _node(wf, "CheckpointLoaderSimple")["widgets_values"] == ["v1-5-pruned-emaonly.safetensors"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_ui_workflow_has_a_template_thumbnail(name):
+    """ComfyUI's template browser shows ``<workflow>.jpg`` beside a pack's workflow."""
+    thumb = WF / f"{name}.jpg"
+    assert thumb.is_file(), f"{thumb.name} is missing (tests/comfyui/test_browser.py writes it)"
+    data = thumb.read_bytes()
+    assert data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9", "not a complete JPEG"
+    assert 2_000 < len(data) < 400_000
