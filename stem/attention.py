@@ -10,6 +10,10 @@ per cond/uncond branch (ComfyUI never splits one cond's frames across a chunk).
   "inflated" attention of the STEM paper.
 - :func:`stem_attention`: every frame's queries attend to the EM bases of its group
   (REFERENCE §4).
+- :func:`stem_attention_passes` / :func:`full_attention_passes`: the same over one group per
+  chunk whose frames come in several passes (a clip too long for one UNet call): the bases, or
+  the keys and values attended to, span the frames of every pass, and the result equals the
+  one-pass result bit for bit (one pass is the case of a single pass).
 
 ``precision`` (a dtype or None) is the layer's attention precision: the model config's
 ``attn_precision`` (SD2.x asks for fp32). When it is wider than ``q``'s dtype the attention
@@ -94,6 +98,82 @@ def _upcast(fn, precision: torch.dtype | None):
     return run
 
 
+def _clip_view(x: torch.Tensor, num_chunks: int, heads: int) -> torch.Tensor:
+    """``[(c f), N, (h d)]`` as ``[c, h, (f N), d]``: each chunk's frames as one token axis per
+    head. A view (merging f and N needs no copy)."""
+    B, N, E = x.shape
+    if num_chunks < 1 or B % num_chunks:
+        raise ValueError(f"batch of {B} frames does not split into {num_chunks} equal chunks")
+    f = B // num_chunks
+    return x.view(num_chunks, f, N, heads, E // heads).permute(0, 3, 1, 2, 4).reshape(num_chunks, heads, f * N, E // heads)
+
+
+def _from_clip_view(o: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Inverse of :func:`_clip_view`: ``[c, h, (f N), d]`` to ``[(c f), N, (h d)]``."""
+    c, h, T, d = o.shape
+    return o.reshape(c, h, T // tokens, tokens, d).permute(0, 2, 3, 1, 4).reshape(c * (T // tokens), tokens, h * d)
+
+
+def _whole_group(q: torch.Tensor, num_chunks: int, frames_per_group: int | None) -> bool:
+    return not frames_per_group or frames_per_group >= q.shape[0] // max(1, num_chunks)
+
+
+def full_attention_passes(
+    qs: list[torch.Tensor],
+    ks: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    heads: int,
+    num_chunks: int = 1,
+    precision: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """Extended attention of each chunk's frames over the frames of all passes.
+
+    ``qs``, ``ks``, ``vs``: one ``[num_chunks * F_p, N, heads*d]`` per pass, chunk c's frames
+    of pass p in rows ``c*F_p .. (c+1)*F_p - 1``. Each pass's queries attend to the keys and
+    values of every frame of their chunk, in all passes. Returns one output per pass.
+    """
+    work = precision or qs[0].dtype
+    keys = torch.cat([_clip_view(k, num_chunks, heads).to(work) for k in ks], dim=2)
+    values = torch.cat([_clip_view(v, num_chunks, heads).to(work) for v in vs], dim=2)
+    return _each_pass(qs, keys, values, num_chunks, heads, precision)
+
+
+def _each_pass(qs, keys, values, num_chunks: int, heads: int, precision: torch.dtype | None) -> list[torch.Tensor]:
+    """Each pass's queries against the shared ``keys`` / ``values`` ``[c, h, T, d]``."""
+    outs = []
+    for q in qs:
+        work = precision or q.dtype
+        qg = _clip_view(q, num_chunks, heads).to(work).contiguous()
+        o = F.scaled_dot_product_attention(qg, keys.to(work), values.to(work))
+        outs.append(_from_clip_view(o, q.shape[1]).to(q.dtype))
+    return outs
+
+
+def stem_attention_passes(
+    qs: list[torch.Tensor],
+    ks: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    heads: int,
+    num_chunks: int = 1,
+    num_bases: int = DEFAULT_NUM_BASES,
+    iters: int = DEFAULT_EM_ITERS,
+    tau: float = DEFAULT_TAU,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    precision: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """STEM attention (REFERENCE §4) of each chunk's frames, spread over several passes.
+
+    ``qs``, ``ks``, ``vs`` as in :func:`full_attention_passes`. EM runs once per chunk and head
+    over the keys of all passes (as token blocks, never concatenated), and each pass's queries
+    attend to the resulting bases. Returns one output per pass.
+    """
+    key_blocks = [_clip_view(k, num_chunks, heads) for k in ks]
+    value_blocks = [_clip_view(v, num_chunks, heads) for v in vs]
+    mu, v_bases = em_bases(key_blocks, value_blocks, num_bases, iters, tau, generator, chunk_size)
+    return _each_pass(qs, mu, v_bases, num_chunks, heads, precision)
+
+
 def full_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -106,6 +186,8 @@ def full_attention(
     """Extended (inflated) attention: each frame's queries attend to all ``F*N`` tokens of
     its group. With one group per chunk this is TokenFlow's keyframe attention
     (REFERENCE §5.3). Memory grows with ``(F*N)^2`` unless SDPA picks a fused kernel."""
+    if _whole_group(q, num_chunks, frames_per_group):
+        return full_attention_passes([q], [k], [v], heads, num_chunks, precision)[0]
     attend = _upcast(F.scaled_dot_product_attention, precision)
     return _apply_grouped(attend, q, k, v, heads, num_chunks, frames_per_group)
 
@@ -145,6 +227,10 @@ def stem_attention(
     queries attend to them with ``scaled_dot_product_attention`` (scale ``1/sqrt(d)``).
     The bases are fp32; the attention runs in the dtype of ``q`` (or ``precision``).
     """
+
+    if _whole_group(q, num_chunks, frames_per_group):
+        return stem_attention_passes([q], [k], [v], heads, num_chunks, num_bases, iters, tau, generator, chunk_size,
+                                     precision)[0]
 
     def attend(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor) -> torch.Tensor:
         mu, v_bases = em_bases(kg, vg, num_bases, iters, tau, generator, chunk_size)

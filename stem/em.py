@@ -5,11 +5,19 @@ A group of frames contributes all of its ``T = F*N`` key tokens; EM condenses th
 bases instead of to the tokens. Everything is batched over arbitrary leading dimensions
 (groups, heads), so there is no Python loop over heads or frames.
 
-Shapes: ``keys``/``values`` ``[..., T, d]``; bases ``[..., M, d]``.
+Shapes: ``keys``/``values`` ``[..., T, d]``; bases ``[..., M, d]``. Keys and values may also
+come as a sequence of token blocks ``[..., T_i, d]`` (the frames of one pass each, when a clip
+runs through the UNet in several passes): EM then runs over their concatenation without ever
+building it, and gives bit for bit what it gives on the concatenated tensor, since every
+token chunk it computes on is the same (:func:`token_chunks`).
 """
 from __future__ import annotations
 
+from typing import Iterator, Sequence, Union
+
 import torch
+
+Tokens = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 # REFERENCE §4 constants.
 DEFAULT_NUM_BASES = 256
@@ -30,34 +38,66 @@ def auto_chunk_size(lead: int, num_bases: int, budget_bytes: int = DEFAULT_EM_ME
     return max(256, budget_bytes // (2 * 4 * max(1, lead) * max(1, num_bases)))
 
 
+def _blocks(x: Tokens) -> list[torch.Tensor]:
+    return [x] if isinstance(x, torch.Tensor) else list(x)
+
+
+def token_chunks(blocks: Tokens, step: int) -> Iterator[torch.Tensor]:
+    """Contiguous fp32 chunks of ``step`` tokens of the blocks' concatenation along ``-2``
+    (the last one shorter), built from slices, with a copy only of what a chunk holds."""
+    blocks = _blocks(blocks)
+    pending: list[torch.Tensor] = []
+    have = 0
+    for b in blocks:
+        start, T = 0, b.shape[-2]
+        while start < T:
+            take = min(step - have, T - start)
+            pending.append(b[..., start : start + take, :])
+            have += take
+            start += take
+            if have == step:
+                yield _joined(pending)
+                pending, have = [], 0
+    if pending:
+        yield _joined(pending)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    if len(parts) == 1:
+        return parts[0].to(torch.float32).contiguous()
+    return torch.cat([p.to(torch.float32) for p in parts], dim=-2)
+
+
 def init_bases(
-    keys: torch.Tensor,
+    keys: Tokens,
     num_bases: int = DEFAULT_NUM_BASES,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Random initial bases ``mu ~ Normal(mean_n K, std_n K)``, per head and channel.
 
-    keys: ``[..., T, d]``. Returns fp32 ``[..., M, d]``.
+    keys: ``[..., T, d]`` (or token blocks). Returns fp32 ``[..., M, d]``.
     The reference draws with ``torch.normal`` on every call; here the standard normal is
     drawn on the CPU from ``generator`` so that a seed gives the same bases on any device.
     Mean and (unbiased) std are two fp32 passes over token chunks, so a half-precision
     input is never copied whole.
     """
-    T = keys.shape[-2]
+    blocks = _blocks(keys)
+    first = blocks[0]
+    T = sum(b.shape[-2] for b in blocks)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(keys[..., 0, 0].numel(), num_bases)
+        chunk_size = auto_chunk_size(first[..., 0, 0].numel(), num_bases)
     step = _step(T, chunk_size)
-    total = sum(keys[..., s : s + step, :].float().sum(dim=-2, keepdim=True) for s in range(0, T, step))
+    total = sum(c.sum(dim=-2, keepdim=True) for c in token_chunks(blocks, step))
     mean = total / T
     if T > 1:
-        sq = sum(((keys[..., s : s + step, :].float() - mean) ** 2).sum(dim=-2, keepdim=True) for s in range(0, T, step))
+        sq = sum(((c - mean) ** 2).sum(dim=-2, keepdim=True) for c in token_chunks(blocks, step))
         std = (sq / (T - 1)).sqrt()
     else:  # a single token has no spread: start every basis on it
         std = torch.zeros_like(mean)
-    shape = (*keys.shape[:-2], num_bases, keys.shape[-1])
+    shape = (*first.shape[:-2], num_bases, first.shape[-1])
     noise = torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
-    return mean + std * noise.to(keys.device)
+    return mean + std * noise.to(first.device)
 
 
 def _step(T: int, chunk_size: int) -> int:
@@ -73,8 +113,8 @@ def _e_step_chunk(k_chunk: torch.Tensor, mu_normed: torch.Tensor, tau: float) ->
 
 
 def em_bases(
-    keys: torch.Tensor,
-    values: torch.Tensor | None = None,
+    keys: Tokens,
+    values: Tokens | None = None,
     num_bases: int = DEFAULT_NUM_BASES,
     iters: int = DEFAULT_EM_ITERS,
     tau: float = DEFAULT_TAU,
@@ -84,7 +124,7 @@ def em_bases(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Estimate the key bases ``mu`` and the value bases ``V_b`` of REFERENCE §4.
 
-    keys, values: ``[..., T, d]`` (any float dtype; all arithmetic is fp32).
+    keys, values: ``[..., T, d]``, or token blocks of it (any float dtype; all arithmetic is fp32).
     Returns ``(mu, v_bases)``, fp32 ``[..., M, d]``; ``v_bases`` is None without values.
 
     Each iteration: E-step ``z = softmax_m(K . normalize(mu) / tau)``, column normalisation
@@ -102,25 +142,28 @@ def em_bases(
         raise ValueError(f"em_iters must be at least 1, got {iters}")
     if num_bases < 1:
         raise ValueError(f"num_bases must be at least 1, got {num_bases}")
-    if values is not None and values.shape[:-1] != keys.shape[:-1]:
-        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in tokens")
-    T = keys.shape[-2]
+    key_blocks = _blocks(keys)
+    value_blocks = None if values is None else _blocks(values)
+    if value_blocks is not None and [v.shape[:-1] for v in value_blocks] != [k.shape[:-1] for k in key_blocks]:
+        raise ValueError(f"keys {[tuple(k.shape) for k in key_blocks]} and values "
+                         f"{[tuple(v.shape) for v in value_blocks]} differ in tokens")
+    T = sum(k.shape[-2] for k in key_blocks)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(keys[..., 0, 0].numel(), num_bases)
+        chunk_size = auto_chunk_size(key_blocks[0][..., 0, 0].numel(), num_bases)
     step = _step(T, chunk_size)
-    mu = init_bases(keys, num_bases, generator, step) if init is None else init.float()
+    mu = init_bases(key_blocks, num_bases, generator, step) if init is None else init.float()
 
     v_bases = None
     for it in range(iters):
         want_v = values is not None and it == iters - 1
         mu_normed = mu / (mu.norm(dim=-1, keepdim=True) + MU_NORM_EPS)
         colsum = zk = zv = None
-        for s in range(0, T, step):
-            kc = keys[..., s : s + step, :].float()
+        value_chunks = token_chunks(value_blocks, step) if want_v else None
+        for kc in token_chunks(key_blocks, step):
             z = _e_step_chunk(kc, mu_normed, tau)
             zt = z.transpose(-1, -2)
             parts = (z.sum(dim=-2), torch.matmul(zt, kc))
-            pv = torch.matmul(zt, values[..., s : s + step, :].float()) if want_v else None
+            pv = torch.matmul(zt, next(value_chunks)) if want_v else None
             if colsum is None:
                 colsum, zk, zv = parts[0], parts[1], pv
             else:

@@ -129,3 +129,28 @@ def test_full_attention_memory_estimate_counts_copies_and_optionally_the_weights
     assert full_attention_bytes(16, 4096, 320, 8, num_groups=2, element_size=2) == 2 * 4 * 16 * 4096 * 320 * 2
     T = 2 * 10
     assert full_attention_bytes(2, 10, 8, 2, fused=False) == (4 * T * 8 + 2 * T * T) * 4
+
+
+def _passes(x, num_chunks, bounds):
+    """Rows of the frames [a, b) of every chunk, for each (a, b) in bounds: one pass each."""
+    F = x.shape[0] // num_chunks
+    return [torch.cat([x[c * F + a: c * F + b] for c in range(num_chunks)]) for a, b in bounds]
+
+
+@pytest.mark.parametrize("bounds", [[(0, 6)], [(0, 3), (3, 6)], [(0, 4), (4, 6)], [(0, 1), (1, 2), (2, 6)]])
+@pytest.mark.parametrize("num_chunks", [1, 2])
+def test_attention_over_passes_equals_one_pass_bit_for_bit(bounds, num_chunks):
+    """A clip too long for one UNet call runs in passes; STEM's bases and inflated attention
+    still span every frame of each chunk, and nothing changes but the execution."""
+    from stem.attention import full_attention_passes, stem_attention_passes
+
+    q, k, v = qkv(B=6 * num_chunks, N=10)
+    qs, ks, vs = (_passes(x, num_chunks, bounds) for x in (q, k, v))
+    one = stem_attention(q, k, v, 2, num_chunks=num_chunks, num_bases=8, generator=torch.Generator().manual_seed(3),
+                         chunk_size=16)  # chunks of 16 tokens straddle the passes' 10-token frames
+    many = stem_attention_passes(qs, ks, vs, 2, num_chunks, num_bases=8, generator=torch.Generator().manual_seed(3),
+                                 chunk_size=16)
+    assert torch.equal(torch.cat(many), torch.cat(_passes(one, num_chunks, bounds)))
+    one = full_attention(q, k, v, 2, num_chunks=num_chunks)
+    many = full_attention_passes(qs, ks, vs, 2, num_chunks)
+    assert torch.equal(torch.cat(many), torch.cat(_passes(one, num_chunks, bounds)))

@@ -127,3 +127,23 @@ def test_chunked_em_extra_memory_is_order_chunk_times_bases():
     finally:
         torch.softmax = real_softmax
     assert seen and max(math.prod(s) for s in seen) <= 2 * 256 * 16
+
+
+@pytest.mark.parametrize("sizes", [[40], [13, 27], [1, 16, 7, 16], [32, 8]])
+def test_em_over_token_blocks_equals_em_over_their_concatenation(sizes):
+    """Keys and values handed over in blocks (the frames of each pass) give the same bases,
+    bit for bit, as the concatenated tensor: every chunk EM computes on holds the same tokens."""
+    from stem.em import token_chunks
+
+    g = torch.Generator().manual_seed(11)
+    k = torch.randn(2, 3, sum(sizes), 4, generator=g)
+    v = torch.randn(2, 3, sum(sizes), 4, generator=g)
+    kb, vb = list(k.split(sizes, dim=-2)), list(v.split(sizes, dim=-2))
+    whole = em_bases(k, v, num_bases=5, generator=torch.Generator().manual_seed(0), chunk_size=16)
+    parts = em_bases(kb, vb, num_bases=5, generator=torch.Generator().manual_seed(0), chunk_size=16)
+    assert torch.equal(whole[0], parts[0]) and torch.equal(whole[1], parts[1])
+    chunks = list(token_chunks(kb, 16))
+    assert [c.shape[-2] for c in chunks] == [16, 16, 8] and all(c.is_contiguous() for c in chunks)
+    assert torch.equal(torch.cat(chunks, dim=-2), k)
+    with pytest.raises(ValueError, match="differ in tokens"):
+        em_bases(kb, vb[:-1] + [vb[-1][..., :1, :]], num_bases=5)
