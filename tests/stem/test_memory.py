@@ -1,0 +1,40 @@
+"""The memory plan of a UNet call in passes (stem.memory), on its own arithmetic."""
+import pytest
+
+from stem.memory import PassPlan, estimate_bytes, plan_passes
+
+N = 32 * 32  # a 256x256 frame's first-level tokens
+
+
+def test_the_estimate_grows_with_frames_and_pass_size_and_halves_in_half_precision():
+    one = estimate_bytes(32, 32, N)
+    assert estimate_bytes(64, 64, N) > one > estimate_bytes(32, 8, N) > estimate_bytes(32, 1, N) > 0
+    assert estimate_bytes(32, 8, N) > estimate_bytes(16, 8, N)  # waiting frames hold memory too
+    assert estimate_bytes(32, 8, N, rows_per_frame=2) > estimate_bytes(32, 8, N)
+    assert estimate_bytes(32, 8, N, element_size=2) < estimate_bytes(32, 8, N)
+    assert estimate_bytes(32, 8, N, inflated=True) > estimate_bytes(32, 8, N)
+    assert estimate_bytes(32, 40, N) == one  # a pass never holds more than the clip
+
+
+def test_auto_takes_one_pass_when_the_clip_fits_and_else_the_largest_that_fits():
+    plan, fits = plan_passes(32, N, None)
+    assert fits and plan == PassPlan(32, 32, 1, estimate_bytes(32, 32, N)) and plan.passes == 1
+    free = estimate_bytes(32, 12, N) / 0.8 + 1
+    plan, fits = plan_passes(32, N, free)
+    assert fits and plan.frames_per_pass == 12 and plan.passes == 3
+    assert estimate_bytes(32, 13, N) > 0.8 * free  # 12 is the largest
+
+
+def test_a_given_pass_size_is_kept_and_judged():
+    free = estimate_bytes(32, 12, N) / 0.8 + 1
+    assert plan_passes(32, N, free, frames_per_pass=8) == (PassPlan(32, 8, 1, estimate_bytes(32, 8, N)), True)
+    plan, fits = plan_passes(32, N, free, frames_per_pass=16)
+    assert plan.frames_per_pass == 16 and not fits
+    assert plan_passes(5, N, None, frames_per_pass=8)[0].frames_per_pass == 5
+
+
+def test_nothing_fits_reports_one_frame_a_pass():
+    plan, fits = plan_passes(32, N, 1000)
+    assert not fits and plan.frames_per_pass == 1 and plan.passes == 32
+    with pytest.raises(ValueError):
+        plan_passes(0, N, None)
