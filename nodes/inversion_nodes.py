@@ -10,6 +10,7 @@ from ..stem.inversion import Inversion
 from .host.base import CATEGORY
 from .host.latents import inversion_conditioning, latent_frames, single_cond
 from .host.model import check_model, model_family, model_schedule
+from .host.plans import plan_run, with_plan
 from .host.sampling import ddim_sampler, inversion_sampler, preview_callback
 
 log = logging.getLogger("ComfyUI-STEM")
@@ -30,6 +31,9 @@ def invert(model, samples: torch.Tensor, conditioning, steps: int) -> Inversion:
     """DDIM inversion of ``samples`` (LATENT scale) with ``model`` as it is patched."""
     prediction = check_model(model)
     sched = model_schedule(model, steps)
+    plan = plan_run(model, samples, 1, "STEM Invert")  # before the first UNet call
+    settings = dict(model.model_options.get("transformer_options", {}).get("stem_attention") or {"attention": "per-frame"})
+    model = with_plan(model, plan)
     trajectory = [samples.float().cpu()]
     base = model.model
 
@@ -44,7 +48,8 @@ def invert(model, samples: torch.Tensor, conditioning, steps: int) -> Inversion:
             callback=preview_callback(model, steps), disable_pbar=True, seed=0,
         )
     cond, pooled = single_cond(conditioning, "conditioning")
-    settings = dict(model.model_options.get("transformer_options", {}).get("stem_attention") or {"attention": "per-frame"})
+    settings.update({"frames_per_pass": plan.frames_per_pass, "passes": plan.passes,
+                     "memory_estimate_mib": round(plan.estimate_bytes / 2**20, 1)})
     # wall time and peak memory of the whole inversion (model loading included when it happens here)
     settings.update({"steps": steps, "prediction": prediction, "model_family": model_family(model), **cost.as_dict()})
     return Inversion(
@@ -63,6 +68,7 @@ def reconstruct(model, inv: Inversion, conditioning=None) -> torch.Tensor:
     conditioning = conditioning if conditioning is not None else inversion_conditioning(inv)
     levels = list(reversed(inv.sigmas.tolist()))
     start = inv.noisiest.clone()
+    model = with_plan(model, plan_run(model, start, 1, "STEM Reconstruct"))
     g = _guider(model, conditioning)
     return g.sample(
         torch.zeros_like(start), start, ddim_sampler(), torch.tensor(levels, dtype=torch.float32),

@@ -67,7 +67,8 @@ NODE_TYPES: dict[str, NodeType] = {
         (("frames", "IMAGE"), ("frame_count", "INT"), ("fps", "FLOAT"), ("width", "INT"), ("height", "INT")),
         upload=True, core=False),
     "STEMAttentionPatch": NodeType(
-        ("attention", "num_bases", "em_iters", "tau", "seed", "grouping", "frames_per_group"), (("model", "MODEL", False),),
+        ("attention", "num_bases", "em_iters", "tau", "seed", "grouping", "frames_per_group", "frames_per_pass"),
+        (("model", "MODEL", False),),
         (("MODEL", "MODEL"),), control_after=("seed",), core=False),
     "STEMVideoMetrics": NodeType(
         ("label_1", "label_2", "label_3", "filename_prefix"),
@@ -140,9 +141,9 @@ def _ckpt(nid, pos):
 
 
 def _stem_patch(nid, pos, model, attention="stem", title=None):
-    return N(nid, "STEMAttentionPatch", pos, (320, 282),
+    return N(nid, "STEMAttentionPatch", pos, (320, 306),
              {"attention": attention, "num_bases": 256, "em_iters": 5, "tau": 0.01, "seed": 1, "grouping": "whole clip",
-              "frames_per_group": 8}, {"model": model}, control={"seed": "fixed"}, title=title)
+              "frames_per_group": 8, "frames_per_pass": 0}, {"model": model}, control={"seed": "fixed"}, title=title)
 
 
 def _prompt(nid, pos, clip, text, title, color=None):

@@ -24,6 +24,7 @@ import torch
 
 from ...stem.tokenflow import NNFields, batch_fields, keyframe_attention, propagate_outputs
 from .model import attention_precision, attn1_sites, refuse_split_frames, site_key
+from .passes import WRAPPER_KEY as PASSES_WRAPPER_KEY
 
 # REFERENCE §5.2: decoder self-attentions 4..11 get the source's q and k; the residual branch
 # of output_blocks[4][0] (diffusers up_blocks[1].resnets[1]) gets the source's features.
@@ -235,6 +236,9 @@ def build_edit_model(model):
     import comfy.patcher_extension
 
     m = model.clone()
+    # a STEM Attention Patch's passes would cut TokenFlow's passes apart: its attention is
+    # replaced below anyway, and TokenFlow's keyframe and batch passes bound their own size
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PASSES_WRAPPER_KEY)
     m.set_model_attn1_patch(norm_patch)
     for block, idx, tidx in attn1_sites(m):
         m.set_model_attn1_replace(attn_replace, block, idx, tidx)

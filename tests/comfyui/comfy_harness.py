@@ -683,6 +683,20 @@ def write_video_clip(path, frames: int = 8, width: int = 64, height: int = 64, f
 
 
 
+def clip_and_prompts(ckpt: str, clip: str, *texts: str) -> dict:
+    """An API prompt: the checkpoint (node 1), the clip at 64 px (2), its latent (3) and one
+    CLIPTextEncode per text (4, 5, ...). Run it and read the nodes' outputs."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "STEMLoadVideoFrames", "inputs": {"video": clip, "frame_load_cap": 0, "skip_first_frames": 0,
+                                                              "select_every_nth": 1, "size": 64, "crop": False}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
+    }
+    for i, text in enumerate(texts, start=4):
+        prompt[str(i)] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}}
+    return prompt
+
+
 @contextlib.contextmanager
 def forbid_reading(path):
     """Fail the test if anything opens ``path`` inside the block (an IS_CHANGED that should

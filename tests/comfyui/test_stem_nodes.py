@@ -16,15 +16,8 @@ STEPS = 4  # pnp_attn_t 0.5 -> q/k injection in steps 0, 1; pnp_f_t 0.8 -> featu
 @pytest.fixture(scope="module")
 def sd(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
     """Model, CLIP, VAE, the clip's latent and three prompts, produced by ComfyUI's own nodes."""
-    prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15_checkpoint}},
-        "2": {"class_type": "STEMLoadVideoFrames", "inputs": {"video": clip_8x64, "frame_load_cap": 0, "skip_first_frames": 0,
-                                                          "select_every_nth": 1, "size": 64, "crop": False}},
-        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a man is playing tennis", "clip": ["1", 1]}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "spider-man is playing tennis", "clip": ["1", 1]}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "ugly, blurry, low res, unrealistic, unaesthetic", "clip": ["1", 1]}},
-    }
+    prompt = harness.clip_and_prompts(sd15_checkpoint, clip_8x64, "a man is playing tennis", "spider-man is playing tennis",
+                                      "ugly, blurry, low res, unrealistic, unaesthetic")
     r = _prompt_runner.run(prompt)
     model, clip, vae = r.get_node_output("1")
     mod = lambda name: harness.pack_submodule(stem_pack, name)  # noqa: E731
@@ -611,8 +604,9 @@ def test_tokenflow_edit_says_when_it_does_not_use_a_stem_patch(sd, inversions, c
     node = sd.node.TokenFlowEdit()
     plain = node.edit(sd.model, inv, sd.positive, sd.negative, 7.5, 0.5, 0.8, 8, 1, steps=2)
     with caplog.at_level(logging.WARNING, logger="ComfyUI-STEM"):
-        patched = node.edit(sd.patch.apply_stem_patch(sd.model, stem_settings()), inv, sd.positive, sd.negative,
-                            7.5, 0.5, 0.8, 8, 1, steps=2)
+        # passes of 3 frames too: TokenFlow's own passes must not be cut apart by the patch's
+        patched = node.edit(sd.patch.apply_stem_patch(sd.model, stem_settings(frames_per_pass=3)), inv, sd.positive,
+                            sd.negative, 7.5, 0.5, 0.8, 8, 1, steps=2)
     assert isinstance(plain, tuple)  # nothing to say
     (text,) = patched["ui"]["text"]
     assert "STEM Attention Patch ('stem'), which the edit does not use" in text

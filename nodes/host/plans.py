@@ -1,0 +1,96 @@
+"""How many frames go through the UNet at a time, and how much memory that takes (issue 10).
+
+STEM Invert and STEM Reconstruct plan their run before the first UNet call: the pass size
+(the STEM Attention Patch's ``frames_per_pass``, or with 0 the largest that fits the free
+memory), the estimate (``stem.memory``), a refusal naming both when even one frame a pass
+would not fit. The resolved pass size rides on their clone of the model, so every call of
+the run uses it. A model used elsewhere (a plain KSampler) plans each call the same way.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ...stem.memory import DEFAULT_SHARE, PassPlan, plan_passes
+from .base import StemError
+from .memory import free_memory
+
+log = logging.getLogger("ComfyUI-STEM")
+
+FRAMES_PER_PASS_KEY = "stem_frames_per_pass"  # transformer_options: the run's resolved pass size
+
+
+def attention_settings(model) -> dict:
+    return model.model_options.get("transformer_options", {}).get("stem_attention") or {"attention": "per-frame"}
+
+
+def _splits(settings: dict) -> bool:
+    """Whether the model runs its calls in passes: the STEM Attention Patch installs that."""
+    return "frames_per_pass" in settings
+
+
+def _available(model) -> int | None:
+    """Free memory on the model's device once the model is loaded there."""
+    device = model.load_device
+    free = free_memory(device)
+    if free is None:
+        return None
+    if torch.device(device).type != "cpu":
+        free -= max(0, model.model_size() - model.loaded_size())
+    return free
+
+
+def _describe(plan: PassPlan) -> str:
+    return (f"{plan.frames} frames in {plan.passes} pass{'es' if plan.passes > 1 else ''} of up to "
+            f"{plan.frames_per_pass}, about {plan.estimate_bytes / 2**30:.2f} GiB above the model")
+
+
+def plan_run(model, latent: torch.Tensor, rows_per_frame: int, node: str) -> PassPlan:
+    """The run's pass plan for ``latent`` ``[F, C, h, w]``, logged; refuses what cannot fit."""
+    settings = attention_settings(model)
+    frames, tokens = latent.shape[0], latent.shape[-2] * latent.shape[-1]
+    element = torch.tensor([], dtype=model.model.get_dtype()).element_size()
+    inflated = settings.get("attention") == "inflated" and settings.get("grouping") != "chunks of n frames"
+    splits = _splits(settings)
+    requested = int(settings.get("frames_per_pass", 0)) if splits else frames
+    free = _available(model)
+
+    def plan(n: int):
+        return plan_passes(frames, tokens, free, n, rows_per_frame, element, inflated)
+
+    chosen, fits = plan(requested)
+    if fits:
+        log.info("%s: %s (frames_per_pass %s)", node, _describe(chosen), requested or "auto")
+        return chosen
+    budget = f"{free / 2**30:.2f} GiB is free and a run may take {int(DEFAULT_SHARE * 100)}% of it"
+    fewer = "fewer frames (frame_load_cap, select_every_nth) or a smaller size on Load Video Frames"
+    if not splits:
+        raise StemError(f"{node}: {_describe(chosen)} would not fit: {budget}. Put STEM Attention Patch (any attention "
+                        f"mode) on the model, whose frames_per_pass runs the clip in passes, or use {fewer}")
+    auto, auto_fits = plan(0)
+    if not auto_fits:
+        raise StemError(f"{node}: even {_describe(auto)} would not fit: {budget}. Use {fewer}")
+    raise StemError(f"{node}: frames_per_pass {requested} means {_describe(chosen)}, which would not fit: {budget}. "
+                    f"Set frames_per_pass to 0 (auto) or at most {auto.frames_per_pass}")
+
+
+def with_plan(model, plan: PassPlan):
+    """A clone of ``model`` whose calls run in the plan's passes."""
+    m = model.clone()
+    m.model_options["transformer_options"][FRAMES_PER_PASS_KEY] = plan.frames_per_pass
+    return m
+
+
+def plan_for_call(settings: dict, x: torch.Tensor, transformer_options: dict) -> int:
+    """Frames a pass for one UNet call: the run's plan where a node made one, else the
+    patch's setting, else (0, auto) the largest that fits the free memory now."""
+    n = transformer_options.get(FRAMES_PER_PASS_KEY)
+    if n:
+        return int(n)
+    chunks = len(transformer_options.get("cond_or_uncond") or [0])
+    frames = x.shape[0] // chunks
+    inflated = settings.get("attention") == "inflated" and settings.get("grouping") != "chunks of n frames"
+    plan, _ = plan_passes(frames, x.shape[-2] * x.shape[-1], free_memory(x.device), int(settings.get("frames_per_pass", 0)),
+                          chunks, x.element_size(), inflated)
+    return plan.frames_per_pass

@@ -1,0 +1,139 @@
+"""Clips in passes (issue 10): every UNet call of a STEM-patched model runs over at most
+frames_per_pass frames at a time while attention spans the whole clip; the run's memory is
+planned before its first UNet call; Cancel stops inside a step.
+
+A random-weight SD1.5 checkpoint and a generated 8-frame 64x64 clip.
+"""
+import types
+
+import pytest
+import torch
+
+import comfy_harness as harness
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def sd(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
+    prompt = harness.clip_and_prompts(sd15_checkpoint, clip_8x64, "a man is playing tennis", "ugly, blurry")
+    r = _prompt_runner.run(prompt)
+    mod = lambda name: harness.pack_submodule(stem_pack, name)  # noqa: E731
+    return types.SimpleNamespace(
+        model=r.get_node_output("1")[0], latent=r.get_node_output("3")[0]["samples"], source=r.get_node_output("4")[0],
+        negative=r.get_node_output("5")[0], node=mod("nodes.attention_patch").STEMAttentionPatch(),
+        inv=mod("nodes.inversion_nodes"), plans=mod("nodes.host.plans"), passes=mod("nodes.host.passes"),
+    )
+
+
+def patched(sd, mode="stem", frames_per_pass=0, grouping="whole clip"):
+    return sd.node.patch(sd.model, mode, 16, 5, 0.01, 1, grouping, 4, frames_per_pass)[0]
+
+
+def count_meetings(monkeypatch, sd):
+    seen = []
+    real = sd.passes.LayerSync.run
+
+    def spy(self, passes):
+        out = real(self, passes)
+        seen.append((len(passes), self.meetings))
+        return out
+
+    monkeypatch.setattr(sd.passes.LayerSync, "run", spy)
+    return seen
+
+
+MODES = [("stem", "whole clip"), ("inflated", "whole clip"), ("per-frame", "whole clip"), ("stem", "chunks of n frames")]
+
+
+@pytest.mark.parametrize("mode,grouping", MODES)
+def test_an_inversion_in_even_passes_equals_the_one_pass_inversion_bit_for_bit(sd, monkeypatch, mode, grouping):
+    """Passes of 4 frames against one pass of 8, over every step: the same inversion bit for
+    bit, and for STEM and inflated the passes met at all 16 self-attentions of every call."""
+    seen = count_meetings(monkeypatch, sd)
+    one = sd.inv.invert(patched(sd, mode, 8, grouping), sd.latent, sd.source, STEPS)
+    assert not seen and one.settings["passes"] == 1
+    many = sd.inv.invert(patched(sd, mode, 4, grouping), sd.latent, sd.source, STEPS)
+    assert (many.settings["frames_per_pass"], many.settings["passes"]) == (4, 2)
+    if mode != "per-frame":
+        assert seen == [(2, 16)] * STEPS
+    else:
+        assert not seen  # nothing to meet for: each pass attends within its own frames
+    assert torch.equal(many.latents, one.latents)
+
+
+@pytest.mark.parametrize("mode,grouping", MODES)
+def test_an_uneven_split_equals_one_pass_to_fp32_rounding(sd, monkeypatch, mode, grouping):
+    """Passes of 3 + 3 + 2: the convolutions and matrix products run on batches of other sizes,
+    whose kernels may round differently; one step agrees to fp32 rounding. (Over several steps
+    STEM's EM, with tau 0.01, turns such rounding into visible differences, as it does for any
+    rounding change: the check is per UNet call.)"""
+    seen = count_meetings(monkeypatch, sd)
+    one = sd.inv.invert(patched(sd, mode, 8, grouping), sd.latent, sd.source, 1)
+    many = sd.inv.invert(patched(sd, mode, 3, grouping), sd.latent, sd.source, 1)
+    assert (many.settings["frames_per_pass"], many.settings["passes"]) == (3, 3)
+    assert seen == ([(3, 16)] if mode != "per-frame" else [])
+    # STEM's E-step divides its logits by tau (0.01): a rounding change in a layer's keys moves
+    # the responsibilities, and so the output, by up to 1/tau times as much
+    harness.assert_fp32_close(many.latents, one.latents, depth=100, gain=100.0 if mode == "stem" else 1.0)
+
+
+def test_a_guided_ksampler_in_passes_equals_one_pass(sd):
+    """Both cond chunks (CFG 7.5) are cut alike; the EM of each chunk spans its 8 frames. Two
+    steps of a plain KSampler, bit for bit."""
+    import nodes
+
+    def sample(model):
+        latent = {"samples": sd.latent.clone()}
+        return nodes.KSampler().sample(model, 3, 2, 7.5, "ddim", "ddim_uniform", sd.source, sd.negative, latent,
+                                       denoise=0.6)[0]["samples"]
+
+    assert torch.equal(sample(patched(sd, "stem", 4)), sample(patched(sd, "stem", 8)))
+
+
+def test_the_run_plan_is_logged_recorded_and_refused_when_nothing_fits(sd, monkeypatch, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="ComfyUI-STEM"):
+        inv = sd.inv.invert(patched(sd, "stem", 0), sd.latent, sd.source, 1)
+    assert inv.settings["frames_per_pass"] == 8 and inv.settings["passes"] == 1  # auto: the clip fits
+    assert inv.settings["memory_estimate_mib"] > 0
+    assert any("STEM Invert: 8 frames in 1 pass of up to 8" in r.getMessage() for r in caplog.records)
+
+    # free memory for 3 frames a pass but not 8: auto picks 3 (the estimate is linear in n)
+    plans_free = sd.plans.plan_passes(8, 64, None, 3)[0].estimate_bytes / 0.8 + 1
+    monkeypatch.setattr(sd.plans, "free_memory", lambda device=None: plans_free)
+    inv = sd.inv.invert(patched(sd, "stem", 0), sd.latent, sd.source, 1)
+    assert (inv.settings["frames_per_pass"], inv.settings["passes"]) == (3, 3)
+    with pytest.raises(ValueError, match=r"frames_per_pass 8 means 8 frames in 1 pass .* would not fit: .* GiB is free"
+                                         r".* Set frames_per_pass to 0 \(auto\) or at most 3"):
+        sd.inv.invert(patched(sd, "stem", 8), sd.latent, sd.source, 1)
+    monkeypatch.setattr(sd.plans, "free_memory", lambda device=None: 1000)
+    with pytest.raises(ValueError, match=r"STEM Invert: even 8 frames in 8 passes of up to 1, about .* GiB above the "
+                                         r"model would not fit: .* Use fewer frames"):
+        sd.inv.invert(patched(sd, "stem", 0), sd.latent, sd.source, 1)
+    with pytest.raises(ValueError, match=r"STEM Invert: 8 frames in 1 pass .* would not fit: .* Put STEM Attention Patch"):
+        sd.inv.invert(sd.model, sd.latent, sd.source, 1)  # no patch: no passes
+
+
+def test_cancel_stops_inside_a_step_at_the_next_layer(sd, monkeypatch):
+    """Cancel is checked where the passes meet: a press during a UNet call stops it at the next
+    self-attention, not at the end of the step."""
+    import comfy.model_management as mm
+
+    model = patched(sd, "stem", 3)
+    calls = []
+
+    def press_cancel_on_the_third_layer(n, extra_options):
+        calls.append(extra_options["block"])
+        if len(calls) == 3 * 3:  # the third layer, once per pass
+            mm.interrupt_current_processing(True)
+        return n
+
+    model.set_model_attn1_output_patch(press_cancel_on_the_third_layer)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sd.inv.invert(model, sd.latent, sd.source, 4)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(calls) == 9  # 3 layers x 3 passes of the first step's call, of 4 x 16 x 3
