@@ -7,7 +7,6 @@ A random-weight SD1.5 checkpoint and a generated 8-frame 64x64 clip.
 import types
 
 import pytest
-import torch
 
 import comfy_harness as harness
 
