@@ -1,5 +1,7 @@
 """The ComfyUI adapter: the node modules, one or two thin node classes each, that delegate to
-stem/. What they share lives in nodes/host/.
+stem/. What they share lives in the ``host_*`` modules beside them (paths, memory, latents, the
+model checks, the samplers around stem/ddim.py, the run plans and passes, TokenFlow's run, hooks
+and ControlNet hint slicing); those hold no node class and import no node module.
 
 ComfyUI is imported inside functions, so the classes (and their INPUT_TYPES) import without
 the host.
@@ -7,7 +9,7 @@ the host.
 from ..stem.inversion import InversionError
 from ..stem.video import VideoError
 from . import attention_patch, inversion_io, inversion_nodes, metrics_node, tokenflow_edit, video_nodes
-from .host.base import StemError, present_errors
+from .host_base import StemError, present_errors
 
 present_errors(StemError, InversionError, VideoError)
 

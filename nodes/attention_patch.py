@@ -11,11 +11,11 @@ from ..stem.attention import (
     stem_attention_passes,
 )
 from ..stem.em import DEFAULT_EM_ITERS, DEFAULT_NUM_BASES, DEFAULT_TAU
-from .host.base import CATEGORY, StemError
-from .host.memory import free_memory
-from .host.model import attention_precision, attn1_sites, check_model, layer_seed, refuse_split_frames
-from .host.passes import WRAPPER_KEY, attention_meeting, joined, make_pass_wrapper, parted
-from .host.plans import plan_for_call
+from .host_base import CATEGORY, StemError
+from .host_memory import free_memory
+from .host_model import attention_precision, attn1_sites, check_model, layer_seed, refuse_split_frames
+from .host_passes import WRAPPER_KEY, attention_meeting, joined, make_pass_wrapper, parted
+from .host_plans import plan_for_call
 
 GROUPINGS = ["whole clip", "chunks of n frames"]
 MODES = ["stem", "inflated", "per-frame"]

@@ -12,8 +12,8 @@ import re
 import torch
 
 from ..stem.inversion import Inversion, InversionError, load_inversion, read_metadata, save_inversion
-from .host.base import CATEGORY, StemError
-from .host.paths import existing_in_folders, file_signature, folder_roots, linked, resolve_in_folders, within
+from .host_base import CATEGORY, StemError
+from .host_paths import existing_in_folders, file_signature, folder_roots, linked, resolve_in_folders, within
 
 log = logging.getLogger("ComfyUI-STEM")
 

@@ -7,11 +7,11 @@ import torch
 
 from ..stem.cost import measure
 from ..stem.inversion import Inversion
-from .host.base import CATEGORY
-from .host.latents import inversion_conditioning, latent_frames, single_cond
-from .host.model import check_model, model_family, model_schedule
-from .host.plans import plan_run, with_plan
-from .host.sampling import ddim_sampler, inversion_sampler, preview_callback
+from .host_base import CATEGORY
+from .host_latents import inversion_conditioning, latent_frames, single_cond
+from .host_model import check_model, model_family, model_schedule
+from .host_plans import plan_run, with_plan
+from .host_sampling import ddim_sampler, inversion_sampler, preview_callback
 
 log = logging.getLogger("ComfyUI-STEM")
 

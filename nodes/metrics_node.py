@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..stem.metrics import compare, plot_metrics
-from .host.base import CATEGORY, StemError
+from .host_base import CATEGORY, StemError
 
 SLOTS = 3
 

@@ -1,13 +1,13 @@
 """TokenFlow Edit: keyframes edited jointly with PnP injection, then propagated (REFERENCE §5).
 
-The run lives in ``host/tokenflow_run.py``, the hooks in ``host/tokenflow_hooks.py``, the maths
+The run lives in ``host_tokenflow_run.py``, the hooks in ``host_tokenflow_hooks.py``, the maths
 in ``stem/tokenflow.py``.
 """
 from __future__ import annotations
 
-from .host.base import CATEGORY
-from .host.latents import latent_frames
-from .host.tokenflow_run import tokenflow_edit
+from .host_base import CATEGORY
+from .host_latents import latent_frames
+from .host_tokenflow_run import tokenflow_edit
 
 
 class TokenFlowEdit:

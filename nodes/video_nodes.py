@@ -5,9 +5,9 @@ import logging
 import os
 
 from ..stem.video import IMAGE_EXTENSIONS, VideoError, estimate_bytes, load_video, probe_video
-from .host.base import CATEGORY, StemError
-from .host.memory import free_memory, human_bytes
-from .host.paths import existing_in_folders, file_signature, linked
+from .host_base import CATEGORY, StemError
+from .host_memory import free_memory, human_bytes
+from .host_paths import existing_in_folders, file_signature, linked
 
 log = logging.getLogger("ComfyUI-STEM")
 

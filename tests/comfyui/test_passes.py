@@ -21,7 +21,7 @@ def sd(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
     return types.SimpleNamespace(
         model=r.get_node_output("1")[0], latent=r.get_node_output("3")[0]["samples"], source=r.get_node_output("4")[0],
         negative=r.get_node_output("5")[0], node=mod("nodes.attention_patch").STEMAttentionPatch(),
-        inv=mod("nodes.inversion_nodes"), plans=mod("nodes.host.plans"), passes=mod("nodes.host.passes"),
+        inv=mod("nodes.inversion_nodes"), plans=mod("nodes.host_plans"), passes=mod("nodes.host_passes"),
     )
 
 

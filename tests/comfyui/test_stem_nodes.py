@@ -24,8 +24,8 @@ def sd(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
     return types.SimpleNamespace(
         model=model, clip=clip, vae=vae, latent=r.get_node_output("3")[0], source=r.get_node_output("4")[0],
         positive=r.get_node_output("5")[0], negative=r.get_node_output("6")[0],
-        common=mod("nodes.host.model"), patch=mod("nodes.attention_patch"), inv=mod("nodes.inversion_nodes"),
-        tf=mod("nodes.host.tokenflow_run"), hooks=mod("nodes.host.tokenflow_hooks"), node=mod("nodes.tokenflow_edit"),
+        common=mod("nodes.host_model"), patch=mod("nodes.attention_patch"), inv=mod("nodes.inversion_nodes"),
+        tf=mod("nodes.host_tokenflow_run"), hooks=mod("nodes.host_tokenflow_hooks"), node=mod("nodes.tokenflow_edit"),
         attention=mod("stem.attention"), ddim=mod("stem.ddim"),
     )
 

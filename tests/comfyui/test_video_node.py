@@ -272,7 +272,7 @@ def test_free_memory_is_the_hosts_figure(pack):
     import comfy.model_management as mm
     import torch
 
-    memory = harness.pack_submodule(pack, "nodes.host.memory")
+    memory = harness.pack_submodule(pack, "nodes.host_memory")
     free = memory.free_memory("cpu")
     assert free is not None and 10**7 < free < 10**14
     assert abs(free - mm.get_free_memory(torch.device("cpu"))) < 2**28  # the same count, a moment apart

@@ -52,7 +52,7 @@ def test_every_node_has_a_display_name(pack):
 
 @pytest.mark.parametrize("key,cls", _nodes(), ids=[k for k, _ in _nodes()])
 def test_node_definition_is_complete(key, cls, fake_folder_paths):
-    common = sys.modules[f"{PACK}.nodes.host.base"]
+    common = sys.modules[f"{PACK}.nodes.host_base"]
     assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40, f"{key}: DESCRIPTION missing or too short"
     assert cls.CATEGORY == common.CATEGORY
     assert callable(getattr(cls, cls.FUNCTION, None)), f"{key}: FUNCTION {cls.FUNCTION!r} is not a method"
@@ -140,7 +140,7 @@ class _FakeControl:
 def test_tokenflow_frame_hints_cut_per_frame_hints_and_put_them_back(pack):
     import torch
 
-    frame_hints = sys.modules[f"{PACK}.nodes.host.control_hints"].frame_hints
+    frame_hints = sys.modules[f"{PACK}.nodes.host_control_hints"].frame_hints
     per_frame = torch.arange(8.0).view(8, 1, 1, 1)
     single = torch.ones(1, 1, 1, 1)
     other = torch.zeros(5, 1, 1, 1)

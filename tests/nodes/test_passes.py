@@ -1,4 +1,4 @@
-"""The pass machinery of nodes/host/passes.py on plain tensors and functions (no ComfyUI)."""
+"""The pass machinery of nodes/host_passes.py on plain tensors and functions (no ComfyUI)."""
 from __future__ import annotations
 
 import sys
@@ -12,7 +12,7 @@ from unit_imports import PACK, load_pack
 @pytest.fixture(scope="module")
 def passes():
     load_pack()
-    return sys.modules[f"{PACK}.nodes.host.passes"]
+    return sys.modules[f"{PACK}.nodes.host_passes"]
 
 
 def test_pass_rows_cut_every_chunk_alike(passes):

@@ -6,8 +6,8 @@ import zlib
 
 import torch
 
-from ...stem.ddim import DDIMSchedule, abar_from_sigma
-from .base import StemError
+from ..stem.ddim import DDIMSchedule, abar_from_sigma
+from .host_base import StemError
 
 SUPPORTED_FAMILIES = "SD1.x and SD2.x (eps or v-prediction)"
 

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...stem.ddim import ddim_timesteps
-from ...stem.inversion import Inversion
-from ...stem.tokenflow import batch_ranges, sample_keyframes
-from .base import StemError
-from .control_hints import frame_hints
-from .latents import inversion_conditioning
-from .model import check_model, interrupted, model_family
-from .sampling import PassProgress, ddim_sampler
-from .tokenflow_hooks import (
+from ..stem.ddim import ddim_timesteps
+from ..stem.inversion import Inversion
+from ..stem.tokenflow import batch_ranges, sample_keyframes
+from .host_base import StemError
+from .host_control_hints import frame_hints
+from .host_latents import inversion_conditioning
+from .host_model import check_model, interrupted, model_family
+from .host_sampling import PassProgress, ddim_sampler
+from .host_tokenflow_hooks import (
     KEYFRAMES,
     PROPAGATION,
     SOURCE,

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .model import interrupted, site_key
+from .host_model import interrupted, site_key
 
 PASSES_KEY = "stem_passes"  # transformer_options entry of a pass: its LayerSync
 WRAPPER_KEY = "comfyui-stem.passes"

@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from ...stem.ddim import ddim_invert, ddim_sample, eps_from_denoised
-from .model import interrupted
+from ..stem.ddim import ddim_invert, ddim_sample, eps_from_denoised
+from .host_model import interrupted
 
 
 def _eps_fn(model, x: torch.Tensor, extra_args: dict):

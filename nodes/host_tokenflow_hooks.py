@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...stem.tokenflow import NNFields, batch_fields, keyframe_attention, propagate_outputs
-from .model import attention_precision, attn1_sites, refuse_split_frames, site_key
-from .passes import WRAPPER_KEY as PASSES_WRAPPER_KEY
+from ..stem.tokenflow import NNFields, batch_fields, keyframe_attention, propagate_outputs
+from .host_model import attention_precision, attn1_sites, refuse_split_frames, site_key
+from .host_passes import WRAPPER_KEY as PASSES_WRAPPER_KEY
 
 # REFERENCE §5.2: decoder self-attentions 4..11 get the source's q and k; the residual branch
 # of output_blocks[4][0] (diffusers up_blocks[1].resnets[1]) gets the source's features.

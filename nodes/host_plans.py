@@ -12,9 +12,9 @@ import logging
 
 import torch
 
-from ...stem.memory import DEFAULT_SHARE, PassPlan, plan_passes
-from .base import StemError
-from .memory import free_memory
+from ..stem.memory import DEFAULT_SHARE, PassPlan, plan_passes
+from .host_base import StemError
+from .host_memory import free_memory
 
 log = logging.getLogger("ComfyUI-STEM")
 
