@@ -4,17 +4,18 @@ from __future__ import annotations
 import torch
 
 from ..stem.attention import (
+    attend_shared,
     full_attention,
     full_attention_bytes,
-    full_attention_passes,
+    gathered_keys_values,
     stem_attention,
-    stem_attention_passes,
+    stem_bases,
 )
 from ..stem.em import DEFAULT_EM_ITERS, DEFAULT_NUM_BASES, DEFAULT_TAU
 from .host_base import CATEGORY, StemError
 from .host_memory import free_memory
 from .host_model import attention_precision, attn1_sites, check_model, layer_seed, refuse_split_frames
-from .host_passes import WRAPPER_KEY, attention_meeting, joined, make_pass_wrapper, parted
+from .host_passes import SHARED_KEY, WRAPPER_KEY, attention_meeting, joined, make_pass_wrapper, parted, projection_meeting
 from .host_plans import plan_for_call
 
 GROUPINGS = ["whole clip", "chunks of n frames"]
@@ -29,28 +30,38 @@ def _chunks(extra_options: dict) -> int:
     return len(extra_options.get("cond_or_uncond") or [0])
 
 
-def _attn1(attend, attend_passes=None):
-    """An attn1 replacement from ``attend(q, k, v, extra_options)`` over one batch. In a clip
-    run in passes, the passes meet here and ``attend_passes(qs, ks, vs, extra_options)`` serves
-    them all at once; without it (groups that may straddle passes) the layer is joined into
-    one batch for ``attend`` and cut up again."""
+def _attn1(attend, shared=None):
+    """The attn1 hooks of a mode: ``(replace, patch)``.
+
+    ``attend(q, k, v, extra_options)`` is the mode's attention over one batch. In a clip run in
+    passes, ``shared(keys, values, extra_options)`` (whole-clip groups) makes what every pass
+    attends to, once per layer: the passes meet in the attn1 ``patch`` before their projections
+    (``host_passes.projection_meeting``) and the replacement attends each pass's queries to it.
+    Without ``shared`` (groups that may straddle passes; ``patch`` is None) the passes meet in
+    the replacement: the layer is joined into one batch for ``attend`` and cut up again.
+    """
 
     def combine(payloads):
         qs, ks, vs, options = (list(x) for x in zip(*payloads))
-        if attend_passes is not None:
-            return attend_passes(qs, ks, vs, options[0])
         chunks = _chunks(options[0])
         whole = attend(joined(qs, chunks), joined(ks, chunks), joined(vs, chunks), options[0])
         return parted(whole, qs, chunks)
 
-    def attn1(q, k, v, extra_options):
+    def replace(q, k, v, extra_options):
         refuse_split_frames(extra_options)
+        made = extra_options.pop(SHARED_KEY, None)  # a pass that met the others before its projections
+        if made is not None:
+            return attend_shared(q, *made, extra_options["n_heads"], _chunks(extra_options),
+                                 attention_precision(extra_options, q.dtype))
         met = attention_meeting(extra_options, q, k, v, combine)  # a pass of a clip in passes
         if met is not None:
             return met
         return attend(q, k, v, extra_options)
 
-    return attn1
+    def patch(n, context, value, extra_options):
+        return projection_meeting(n, context, value, extra_options, shared)
+
+    return replace, (patch if shared is not None else None)
 
 
 def _grouping(settings: dict) -> int | None:
@@ -60,7 +71,8 @@ def _grouping(settings: dict) -> int | None:
 def make_inflated_attn1(settings: dict):
     """Inflated attention: every frame attends to every frame of its group (the STEM paper's
     "radical" baseline), through SDPA's memory-efficient path. Before each layer it estimates
-    the memory and refuses a clip that would not fit."""
+    the memory and refuses a clip that would not fit. Returns ``(replace, patch)`` (see
+    :func:`_attn1`)."""
     frames_per_group = _grouping(settings)
 
     def check_memory(rows: int, chunks: int, q: torch.Tensor, heads: int) -> None:
@@ -83,34 +95,34 @@ def make_inflated_attn1(settings: dict):
         return full_attention(q, k, v, eo["n_heads"], num_chunks=_chunks(eo), frames_per_group=frames_per_group,
                               precision=attention_precision(eo, q.dtype))
 
-    def attend_passes(qs, ks, vs, eo):
-        check_memory(sum(q.shape[0] for q in qs), _chunks(eo), qs[0], eo["n_heads"])
-        return full_attention_passes(qs, ks, vs, eo["n_heads"], _chunks(eo), attention_precision(eo, qs[0].dtype))
+    def shared(ks, vs, eo):
+        check_memory(sum(k.shape[0] for k in ks), _chunks(eo), ks[0], eo["n_heads"])
+        return gathered_keys_values(ks, vs, eo["n_heads"], _chunks(eo), attention_precision(eo, ks[0].dtype))
 
-    return _attn1(attend, None if frames_per_group else attend_passes)
+    return _attn1(attend, None if frames_per_group else shared)
 
 
 def make_stem_attn1(settings: dict):
-    """The attn1 replacement: ``p(q, k, v, extra_options) -> out`` with ``[B, N, heads*d]``.
+    """STEM attention's attn1 hooks ``(replace, patch)`` (see :func:`_attn1`); the replacement
+    is ``p(q, k, v, extra_options) -> out`` with ``[B, N, heads*d]``.
 
-    A closure over plain numbers, so ``clone()`` deep-copies nothing large. Each cond/uncond
+    Closures over plain numbers, so ``clone()`` deep-copies nothing large. Each cond/uncond
     chunk of the batch is one group (or consecutive groups of n frames).
     """
     frames_per_group = _grouping(settings)
 
-    def em(eo, q) -> dict:
+    def em(eo) -> dict:
         return dict(num_bases=settings["num_bases"], iters=settings["em_iters"], tau=settings["tau"],
-                    generator=torch.Generator().manual_seed(layer_seed(settings["seed"], eo)),
-                    precision=attention_precision(eo, q.dtype))
+                    generator=torch.Generator().manual_seed(layer_seed(settings["seed"], eo)))
 
     def attend(q, k, v, eo):
         return stem_attention(q, k, v, eo["n_heads"], num_chunks=_chunks(eo), frames_per_group=frames_per_group,
-                              **em(eo, q))
+                              precision=attention_precision(eo, q.dtype), **em(eo))
 
-    def attend_passes(qs, ks, vs, eo):
-        return stem_attention_passes(qs, ks, vs, eo["n_heads"], _chunks(eo), **em(eo, qs[0]))
+    def shared(ks, vs, eo):
+        return stem_bases(ks, vs, eo["n_heads"], _chunks(eo), **em(eo))
 
-    return _attn1(attend, None if frames_per_group else attend_passes)
+    return _attn1(attend, None if frames_per_group else shared)
 
 
 def apply_stem_patch(model, settings: dict):
@@ -129,9 +141,11 @@ def apply_attention_patch(model, settings: dict):
     settings = {**DEFAULT_SETTINGS, **settings}
     m = model.clone()
     if mode != "per-frame":
-        patch = make_stem_attn1(settings) if mode == "stem" else make_inflated_attn1(settings)
+        replace, patch = make_stem_attn1(settings) if mode == "stem" else make_inflated_attn1(settings)
         for block, idx, tidx in attn1_sites(m):
-            m.set_model_attn1_replace(patch, block, idx, tidx)
+            m.set_model_attn1_replace(replace, block, idx, tidx)
+        if patch is not None:  # passes meet before the projections (acts only in a clip run in passes)
+            m.set_model_attn1_patch(patch)
     # clips too long for one UNet call run in passes; the passes meet at every self-attention
     # where it spans more than their own frames (stem, inflated)
     synchronised = mode != "per-frame"

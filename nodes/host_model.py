@@ -41,19 +41,32 @@ def check_model(model, input_name: str = "model") -> str:
                     "v-prediction SD1.x/SD2.x model (remove ModelSampling nodes that set lcm, x0 or edm)")
 
 
-def attn1_sites(model) -> list[tuple[str, int, int]]:
-    """Every self-attention of the UNet as ``(block, id, transformer_index)``, the keys of
-    ``set_model_attn1_replace``; read from the module tree, not from SD1.5 constants."""
+def _transformers(unet):
+    """``(block, id, SpatialTransformer)`` of the UNet, in the order ComfyUI runs them."""
     from comfy.ldm.modules.attention import SpatialTransformer
 
-    unet = model.get_model_object("diffusion_model")
-    sites = []
     for block, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)):
         for i, seq in enumerate(blocks):
             for layer in seq:
                 if isinstance(layer, SpatialTransformer):
-                    sites += [(block, i, t) for t in range(len(layer.transformer_blocks))]
-    return sites
+                    yield block, i, layer
+
+
+def attn1_sites(model) -> list[tuple[str, int, int]]:
+    """Every self-attention of the UNet as ``(block, id, transformer_index)``, the keys of
+    ``set_model_attn1_replace``; read from the module tree, not from SD1.5 constants."""
+    unet = model.get_model_object("diffusion_model")
+    return [(block, i, t) for block, i, layer in _transformers(unet) for t in range(len(layer.transformer_blocks))]
+
+
+def attn1_module(unet, site: tuple[str, int, int]):
+    """The self-attention module (``to_q``, ``to_k``, ``to_v``, ``to_out``) at ``site`` of the
+    UNet (``diffusion_model``), as ComfyUI runs it: LoRA and other weight patches included."""
+    block, idx, t = site
+    for b, i, layer in _transformers(unet):
+        if (b, i) == (block, idx):
+            return layer.transformer_blocks[t].attn1
+    raise KeyError(f"no self-attention at {site}")
 
 
 def site_key(extra_options: dict) -> tuple[str, int, int]:

@@ -2,12 +2,17 @@
 
 Layer-synchronous execution (issue 10): the APPLY_MODEL wrapper cuts the batch into passes of
 n frames of every cond chunk and runs each pass's UNet forward as a greenlet. At each
-self-attention the STEM / inflated attention hook hands its q, k, v to :class:`LayerSync` and
-suspends; when every pass has reached that layer, the layer's attention runs once over all of
-them (``stem.attention.stem_attention_passes``: EM over the keys of every pass) and each pass
-resumes with its own output. One pass computes at a time; a suspended pass holds only its own
-activations. The UNet's forward, ComfyUI's classes and functions are left as they are: a
-wrapper and attention patches on the clone only.
+self-attention, before its projections, the pass hands the layer's input (the norm output) to
+:class:`LayerSync` and suspends (:func:`projection_meeting`); when every pass has reached that
+layer, the layer's keys and values of all passes are projected and condensed once (STEM: EM
+over the keys of every pass, ``stem.attention.stem_bases``; inflated: all frames' keys and
+values), and each pass resumes, projects its own queries and attends to what was shared
+(``stem.attention.attend_shared``). One pass computes at a time; a suspended pass holds only
+its own activations (its skip connections, the residual and the norm output of the waiting
+layer), not its q, k, v. Where groups of frames may straddle passes (STEM's "chunks of n
+frames") the passes meet in the attention replacement with q, k, v instead
+(:func:`attention_meeting`). The UNet's forward, ComfyUI's classes and functions are left as
+they are: a wrapper and attention patches on the clone only.
 
 Cancel is checked at every layer meeting, so it stops a long step within one layer.
 """
@@ -19,9 +24,10 @@ from typing import Any, Callable
 
 import torch
 
-from .host_model import interrupted, site_key
+from .host_model import attn1_module, interrupted, site_key
 
 PASSES_KEY = "stem_passes"  # transformer_options entry of a pass: its LayerSync
+SHARED_KEY = "stem_layer_shared"  # extra_options of one layer in a pass: what the meeting handed back
 WRAPPER_KEY = "comfyui-stem.passes"
 
 
@@ -41,8 +47,9 @@ class Meeting:
 class LayerSync:
     """Runs the passes of one UNet call as greenlets that meet at every self-attention."""
 
-    def __init__(self, check_interrupt: Callable[[], None] = interrupted):
+    def __init__(self, check_interrupt: Callable[[], None] = interrupted, attn1: Callable | None = None):
         self.check_interrupt = check_interrupt
+        self.attn1 = attn1  # site -> that layer's attention module, for meetings before its projections
         self.meetings = 0
 
     @staticmethod
@@ -53,7 +60,9 @@ class LayerSync:
 
         return greenlet.getcurrent().parent.switch(Meeting(key, combine, payload))
 
-    def run(self, passes: list[Callable[[], Any]]) -> list:
+    def run(self, passes: list[Callable[[], Any]], entering: Callable[[int], None] | None = None) -> list:
+        """Run the passes to their ends, meeting where they meet; ``entering(i)`` is called each
+        time pass i is about to compute (state that must follow the pass, like its hints)."""
         import greenlet
 
         gls = []
@@ -61,8 +70,14 @@ class LayerSync:
             g = greenlet.greenlet(fn)
             g.gr_context = contextvars.copy_context()  # a pass sees the caller's context variables
             gls.append(g)
+
+        def resume(i: int, *value):
+            if entering is not None:
+                entering(i)
+            return gls[i].switch(*value)
+
         try:
-            values = [g.switch() for g in gls]
+            values = [resume(i) for i in range(len(gls))]
             while True:
                 meeting = [isinstance(v, Meeting) for v in values]
                 if not any(meeting):
@@ -74,7 +89,7 @@ class LayerSync:
                 self.meetings += 1
                 outs = values[0].combine([v.payload for v in values])
                 del meeting, keys
-                values = [g.switch(o) for g, o in zip(gls, outs)]
+                values = [resume(i, o) for i, o in enumerate(outs)]
                 del outs
         finally:
             for g in gls:  # unwind passes left suspended (Cancel, an error): their memory goes now
@@ -117,7 +132,8 @@ def make_pass_wrapper(frames_per_pass: Callable[[torch.Tensor, dict], int], sync
         n = frames_per_pass(x, transformer_options)
         if n <= 0 or n >= B // chunks:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        sync = LayerSync() if synchronised else None
+        unet = getattr(executor.class_obj, "diffusion_model", None)
+        sync = LayerSync(attn1=lambda site: attn1_module(unet, site)) if synchronised else None
 
         def one_pass(rows):
             options = _cut(dict(transformer_options), rows, B)
@@ -152,6 +168,32 @@ def parted(whole: torch.Tensor, like: list[torch.Tensor], num_chunks: int) -> li
     sizes = [x.shape[0] // num_chunks for x in like]
     chunks = whole.view(num_chunks, whole.shape[0] // num_chunks, *whole.shape[1:]).split(sizes, dim=1)
     return [c.flatten(0, 1) for c in chunks]
+
+
+def projection_meeting(n, context, value, extra_options: dict, shared: Callable[[list, list, dict], Any]):
+    """The body of an attn1 patch (it runs before the layer's q, k, v projections). In a pass of
+    a synchronised call, meet the other passes holding only the projections' inputs; at the
+    meeting the layer's keys and values of every pass are projected (by the layer's own module,
+    weight patches included) and ``shared(keys, values, extra_options)`` makes what every pass
+    attends to (STEM's bases, or all frames' keys and values). It is left in ``extra_options``
+    under :data:`SHARED_KEY` for the attn1 replacement, and the pass projects only its queries
+    (one token of keys and values, unused). Outside such a call nothing changes."""
+    sync = extra_options.get(PASSES_KEY)
+    if sync is None or sync.attn1 is None:
+        return n, context, value
+    context = n if context is None else context
+    value = context if value is None else value
+    site = site_key(extra_options)
+
+    def combine(payloads: list) -> list:
+        attn = sync.attn1(site)
+        keys = [attn.to_k(c) for c, _, _ in payloads]
+        values = [attn.to_v(v) for _, v, _ in payloads]
+        made = shared(keys, values, payloads[0][2])
+        return [made] * len(payloads)
+
+    extra_options[SHARED_KEY] = sync.meet(site, combine, (context, value, extra_options))
+    return n, context[:, :1], value[:, :1]
 
 
 def attention_meeting(extra_options: dict, q, k, v, combine: Callable[[list], list]):

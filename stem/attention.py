@@ -11,9 +11,10 @@ per cond/uncond branch (ComfyUI never splits one cond's frames across a chunk).
 - :func:`stem_attention`: every frame's queries attend to the EM bases of its group
   (REFERENCE §4).
 - :func:`stem_attention_passes` / :func:`full_attention_passes`: the same over one group per
-  chunk whose frames come in several passes (a clip too long for one UNet call): the bases, or
-  the keys and values attended to, span the frames of every pass, and the result equals the
-  one-pass result bit for bit (one pass is the case of a single pass).
+  chunk whose frames come in several passes (a clip too long for one UNet call): the bases
+  (:func:`stem_bases`), or the keys and values attended to (:func:`gathered_keys_values`), span
+  the frames of every pass, each pass's queries attend to them (:func:`attend_shared`), and the
+  result equals the one-pass result bit for bit (one pass is the case of a single pass).
 
 ``precision`` (a dtype or None) is the layer's attention precision: the model config's
 ``attn_precision`` (SD2.x asks for fp32). When it is wider than ``q``'s dtype the attention
@@ -118,6 +119,53 @@ def _whole_group(q: torch.Tensor, num_chunks: int, frames_per_group: int | None)
     return not frames_per_group or frames_per_group >= q.shape[0] // max(1, num_chunks)
 
 
+def gathered_keys_values(
+    ks: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    heads: int,
+    num_chunks: int = 1,
+    precision: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of every frame of each chunk, from the passes' ``[num_chunks * F_p,
+    N, heads*d]`` tensors (chunk c's frames of pass p in rows ``c*F_p .. (c+1)*F_p - 1``), as
+    ``[c, h, T, d]`` for :func:`attend_shared`: what inflated attention attends to."""
+    work = precision or ks[0].dtype
+    keys = torch.cat([_clip_view(k, num_chunks, heads).to(work) for k in ks], dim=2)
+    values = torch.cat([_clip_view(v, num_chunks, heads).to(work) for v in vs], dim=2)
+    return keys, values
+
+
+def stem_bases(
+    ks: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    heads: int,
+    num_chunks: int = 1,
+    num_bases: int = DEFAULT_NUM_BASES,
+    iters: int = DEFAULT_EM_ITERS,
+    tau: float = DEFAULT_TAU,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The EM key and value bases ``[c, h, M, d]`` (fp32) of each chunk's frames over all passes
+    (``ks``, ``vs`` as in :func:`gathered_keys_values`): EM runs once per chunk and head over
+    the keys of all passes, as token blocks that are never concatenated (REFERENCE §4)."""
+    key_blocks = [_clip_view(k, num_chunks, heads) for k in ks]
+    value_blocks = [_clip_view(v, num_chunks, heads) for v in vs]
+    return em_bases(key_blocks, value_blocks, num_bases, iters, tau, generator, chunk_size)
+
+
+def attend_shared(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int, num_chunks: int = 1,
+    precision: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One pass's queries ``[num_chunks * F_p, N, heads*d]`` against its chunk's shared
+    ``keys`` / ``values`` ``[c, h, T, d]`` (bases, or every frame's tokens)."""
+    work = precision or q.dtype
+    qg = _clip_view(q, num_chunks, heads).to(work).contiguous()
+    o = F.scaled_dot_product_attention(qg, keys.to(work), values.to(work))
+    return _from_clip_view(o, q.shape[1]).to(q.dtype)
+
+
 def full_attention_passes(
     qs: list[torch.Tensor],
     ks: list[torch.Tensor],
@@ -126,27 +174,10 @@ def full_attention_passes(
     num_chunks: int = 1,
     precision: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
-    """Extended attention of each chunk's frames over the frames of all passes.
-
-    ``qs``, ``ks``, ``vs``: one ``[num_chunks * F_p, N, heads*d]`` per pass, chunk c's frames
-    of pass p in rows ``c*F_p .. (c+1)*F_p - 1``. Each pass's queries attend to the keys and
-    values of every frame of their chunk, in all passes. Returns one output per pass.
-    """
-    work = precision or qs[0].dtype
-    keys = torch.cat([_clip_view(k, num_chunks, heads).to(work) for k in ks], dim=2)
-    values = torch.cat([_clip_view(v, num_chunks, heads).to(work) for v in vs], dim=2)
-    return _each_pass(qs, keys, values, num_chunks, heads, precision)
-
-
-def _each_pass(qs, keys, values, num_chunks: int, heads: int, precision: torch.dtype | None) -> list[torch.Tensor]:
-    """Each pass's queries against the shared ``keys`` / ``values`` ``[c, h, T, d]``."""
-    outs = []
-    for q in qs:
-        work = precision or q.dtype
-        qg = _clip_view(q, num_chunks, heads).to(work).contiguous()
-        o = F.scaled_dot_product_attention(qg, keys.to(work), values.to(work))
-        outs.append(_from_clip_view(o, q.shape[1]).to(q.dtype))
-    return outs
+    """Extended attention of each chunk's frames over the frames of all passes: each pass's
+    queries attend to the keys and values of every frame of their chunk. One output per pass."""
+    keys, values = gathered_keys_values(ks, vs, heads, num_chunks, precision)
+    return [attend_shared(q, keys, values, heads, num_chunks, precision) for q in qs]
 
 
 def stem_attention_passes(
@@ -162,16 +193,11 @@ def stem_attention_passes(
     chunk_size: int | None = None,
     precision: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
-    """STEM attention (REFERENCE §4) of each chunk's frames, spread over several passes.
-
-    ``qs``, ``ks``, ``vs`` as in :func:`full_attention_passes`. EM runs once per chunk and head
-    over the keys of all passes (as token blocks, never concatenated), and each pass's queries
-    attend to the resulting bases. Returns one output per pass.
-    """
-    key_blocks = [_clip_view(k, num_chunks, heads) for k in ks]
-    value_blocks = [_clip_view(v, num_chunks, heads) for v in vs]
-    mu, v_bases = em_bases(key_blocks, value_blocks, num_bases, iters, tau, generator, chunk_size)
-    return _each_pass(qs, mu, v_bases, num_chunks, heads, precision)
+    """STEM attention (REFERENCE §4) of each chunk's frames, spread over several passes:
+    :func:`stem_bases` over all of them, then each pass's queries attend to the bases.
+    One output per pass."""
+    mu, v_bases = stem_bases(ks, vs, heads, num_chunks, num_bases, iters, tau, generator, chunk_size)
+    return [attend_shared(q, mu, v_bases, heads, num_chunks, precision) for q in qs]
 
 
 def full_attention(

@@ -115,7 +115,7 @@ def harness_model_call(model, positive, negative, x, cfg):
 
 @pytest.mark.parametrize("layout", [[0], [1], [1, 0], [0, 1], [0, 1, 2]])
 def test_stem_patch_handles_every_cond_or_uncond_layout(sd, layout):
-    patch = sd.patch.make_stem_attn1(stem_settings(num_bases=4))
+    patch = sd.patch.make_stem_attn1(stem_settings(num_bases=4))[0]
     F, N, heads, d = 4, 6, 2, 4
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(len(layout) * F, N, heads * d, generator=g) for _ in range(3))
@@ -136,7 +136,7 @@ def test_stem_patch_handles_every_cond_or_uncond_layout(sd, layout):
 
 
 def test_split_frames_are_refused_clearly(sd):
-    patch = sd.patch.make_stem_attn1(stem_settings(num_bases=4))
+    patch = sd.patch.make_stem_attn1(stem_settings(num_bases=4))[0]
     q = torch.randn(4, 6, 8)
     eo = {"cond_or_uncond": [0], "n_heads": 2, "block": ("input", 1), "block_index": 0, "context_window": object()}
     with pytest.raises(ValueError, match="split the frames"):
@@ -348,17 +348,30 @@ def test_tokenflow_passes_get_their_own_frames_controlnet_hints(sd, inversions, 
         return kf
 
     monkeypatch.setattr(sd.tf, "sample_keyframes", recording_sample)
-    out, _ = sd.tf.tokenflow_edit(sd.model, inv, pos, neg, batch_size=4, seed=3, steps=2)
 
+    def passes_seen():
+        passes = []
+        for call in seen:  # positive and negative share the ControlNet: one call, the frames twice
+            n = len(call)
+            frames = next(call[:k] for k in range(1, n + 1) if n % k == 0 and call == call[:k] * (n // k))
+            if not passes or passes[-1] != frames:  # a pass redone source-first repeats its frames
+                passes.append(frames)
+        seen.clear()
+        return passes
+
+    out, _ = sd.tf.tokenflow_edit(sd.model, inv, pos, neg, batch_size=4, seed=3, steps=2)
     expected = [frames for kf in keyframes for frames in (kf, [0, 1, 2, 3], [4, 5, 6, 7])]
-    passes = []
-    for call in seen:  # positive and negative share the ControlNet: one call, the frames twice
-        n = len(call)
-        frames = next(call[:k] for k in range(1, n + 1) if n % k == 0 and call == call[:k] * (n // k))
-        if not passes or passes[-1] != frames:  # a pass redone source-first repeats its frames
-            passes.append(frames)
-    assert len(keyframes) == 2 and passes == expected
+    assert len(keyframes) == 2 and passes_seen() == expected
     assert applied.cond_hint_original is original_hint
+    # keyframes in passes of one (issue 10): their UNet calls run interleaved, each with its hint
+    keyframes.clear()
+    split, _ = sd.tf.tokenflow_edit(sd.model, inv, pos, neg, batch_size=4, seed=3, steps=2, frames_per_pass=1)
+    expected = [frames for kf in keyframes for frames in ([kf[0]], [kf[1]], [0, 1, 2, 3], [4, 5, 6, 7])]
+    # ComfyUI cannot batch the source (no ControlNet) with the edit branches: the first keyframe
+    # passes are redone source-first, both passes again
+    expected = expected[:2] + expected
+    assert passes_seen() == expected and applied.cond_hint_original is original_hint
+    harness.assert_fp32_close(split, out, depth=100, gain=7.5)
     plain, _ = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=4, seed=3, steps=2)
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
 
@@ -468,7 +481,7 @@ def test_attention_modes_per_frame_is_sd_and_inflated_is_full_attention(sd, monk
     assert per_frame.model_options["transformer_options"]["stem_attention"]["attention"] == "per-frame"
     assert torch.equal(ksample(sd, per_frame, 1.0), ksample(sd, sd.model, 1.0))
 
-    patch = sd.patch.make_inflated_attn1(stem_settings())
+    patch = sd.patch.make_inflated_attn1(stem_settings())[0]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2 * 4, 6, 16, generator=g) for _ in range(3))
     eo = {"cond_or_uncond": [1, 0], "n_heads": 2, "block": ("input", 1), "block_index": 0}
