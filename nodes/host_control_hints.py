@@ -42,3 +42,33 @@ def frame_hints(conds: dict, frames, num_frames: int):
         for control, hint in saved:
             control.cond_hint_original = hint
             control.cond_hint = None
+
+
+@contextlib.contextmanager
+def interleaved_hints(conds: dict, groups: list, num_frames: int):
+    """:func:`frame_hints` for passes whose UNet calls run interleaved (keyframes in several
+    passes, issue 10): yields ``entering(i)``, to be called whenever pass i is about to compute,
+    which gives the controls pass i's frames' hints and its own prepared hint (ControlNet keeps
+    the hint it prepared for a call and reuses it while the shapes match)."""
+    clip = []
+    if num_frames > 1:
+        for control in controls(conds):
+            hint = getattr(control, "cond_hint_original", None)
+            if isinstance(hint, torch.Tensor) and hint.shape[0] == num_frames:
+                clip.append((control, hint, [None] * len(groups)))
+    current = [None]
+
+    def entering(i: int) -> None:
+        for control, hint, prepared in clip:
+            if current[0] is not None:
+                prepared[current[0]] = control.cond_hint
+            control.cond_hint_original = hint[groups[i]]
+            control.cond_hint = prepared[i]
+        current[0] = i
+
+    try:
+        yield entering
+    finally:
+        for control, hint, _ in clip:
+            control.cond_hint_original = hint
+            control.cond_hint = None

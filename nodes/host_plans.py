@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from ..stem.memory import DEFAULT_SHARE, PassPlan, plan_passes
+from ..stem.memory import DEFAULT_SHARE, PassPlan, plan_passes, plan_tokenflow
 from .host_base import StemError
 from .host_memory import free_memory
 
@@ -72,6 +72,34 @@ def plan_run(model, latent: torch.Tensor, rows_per_frame: int, node: str) -> Pas
     if not auto_fits:
         raise StemError(f"{node}: even {_describe(auto)} would not fit: {budget}. Use {fewer}")
     raise StemError(f"{node}: frames_per_pass {requested} means {_describe(chosen)}, which would not fit: {budget}. "
+                    f"Set frames_per_pass to 0 (auto) or at most {auto.frames_per_pass}")
+
+
+def plan_edit(model, latent: torch.Tensor, keyframes: int, batch_size: int, branches: int, requested: int,
+              node: str = "TokenFlow Edit") -> PassPlan:
+    """A TokenFlow edit's plan: keyframes a pass (``requested``, 0 = the most that fit), its
+    estimate (``stem.memory.tokenflow_estimate_bytes``), logged; refuses what cannot fit."""
+    tokens = latent.shape[-2] * latent.shape[-1]
+    element = torch.tensor([], dtype=model.model.get_dtype()).element_size()
+    free = _available(model)
+
+    def plan(n: int):
+        return plan_tokenflow(keyframes, batch_size, tokens, free, n, branches, element)
+
+    def describe(p: PassPlan) -> str:
+        return (f"{keyframes} keyframes in {p.passes} pass{'es' if p.passes > 1 else ''} of up to {p.frames_per_pass} "
+                f"and propagation passes of {batch_size} frames, about {p.estimate_bytes / 2**30:.2f} GiB above the model")
+
+    chosen, fits = plan(requested)
+    if fits:
+        log.info("%s: %s (frames_per_pass %s)", node, describe(chosen), requested or "auto")
+        return chosen
+    budget = f"{free / 2**30:.2f} GiB is free and a run may take {int(DEFAULT_SHARE * 100)}% of it"
+    auto, auto_fits = plan(0)
+    if not auto_fits:
+        raise StemError(f"{node}: even {describe(auto)} would not fit: {budget}. Use a smaller batch_size (fewer frames "
+                        "a propagation pass), or fewer frames or a smaller size on Load Video Frames")
+    raise StemError(f"{node}: frames_per_pass {requested} means {describe(chosen)}, which would not fit: {budget}. "
                     f"Set frames_per_pass to 0 (auto) or at most {auto.frames_per_pass}")
 
 

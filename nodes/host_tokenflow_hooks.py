@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextvars
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ..stem.tokenflow import NNFields, batch_fields, keyframe_attention, propagate_outputs
+from ..stem.tokenflow import NNFields, batch_fields, keyframe_attention, keyframe_attention_passes, propagate_outputs
 from .host_model import attention_precision, attn1_sites, refuse_split_frames, site_key
 from .host_passes import WRAPPER_KEY as PASSES_WRAPPER_KEY
 
@@ -50,6 +51,16 @@ class KeyframeRecord:
     source_norm: dict = field(default_factory=dict)  # block -> source norm1(x) of the keyframes [K, N, C]
     outputs: dict = field(default_factory=dict)  # block -> {branch: self-attention output [K, N, C]}
 
+    def take(self, parts: list["KeyframeRecord"]) -> None:
+        """Fill this record from the records of keyframe passes over consecutive keyframes."""
+        for key in list(parts[0].source_norm):
+            self.source_norm[key] = torch.cat([p.source_norm.pop(key) for p in parts])
+        for key in list(parts[0].outputs):
+            branches = parts[0].outputs[key]
+            self.outputs[key] = {c: torch.cat([p.outputs[key][c] for p in parts]) for c in branches}
+            for p in parts:
+                del p.outputs[key]
+
 
 @dataclass
 class SourceRecord:
@@ -75,6 +86,9 @@ class PassContext:
     keyframe_record: KeyframeRecord
     source: SourceRecord = field(default_factory=SourceRecord)
     calls: Counter = field(default_factory=Counter)  # (hook, block) -> count, for tests and debugging
+    # keyframes split into several passes (issue 10): the LayerSync where their edit branches'
+    # extended attention meets, so that it spans the keyframes of every pass
+    sync: Any = None
 
     def fresh(self) -> "PassContext":
         """The same pass, to be run again from the start."""
@@ -143,18 +157,37 @@ def attn_replace(q, k, v, extra_options):
                                                                    _branches(v, layout))}
     if SOURCE in parts and pnp:
         ctx.source.qk[key] = parts[SOURCE][:2]
-    out = []
+    work = attention_precision(extra_options, q.dtype)
+    edits = {}
     for c in layout:
-        qc, kc, vc = parts[c]
         if c == SOURCE:
-            out.append(optimized_attention(qc, kc, vc, heads, attn_precision=precision))
             continue
         source_qk = None
         if pnp:
             ctx.calls["pnp_qk", key] += 1
             source_qk = _need(ctx.source.qk, key, "source q/k")
-        out.append(keyframe_attention(qc, kc, vc, heads, source_qk, attention_precision(extra_options, q.dtype)))
+        edits[c] = (*parts[c], source_qk)
+    if ctx.sync is None:
+        edited = {c: keyframe_attention(qc, kc, vc, heads, sqk, work) for c, (qc, kc, vc, sqk) in edits.items()}
+    else:  # keyframes in several passes: attend over the keyframes of all of them
+        edited = ctx.sync.meet(key, lambda payloads: _keyframe_passes(payloads, heads, work), edits)
+    out = [optimized_attention(*parts[c], heads, attn_precision=precision) if c == SOURCE else edited[c]
+           for c in layout]
     return torch.cat(out)
+
+
+def _keyframe_passes(payloads: list[dict], heads: int, precision) -> list[dict]:
+    """Each edit branch's extended attention over the keyframes of every pass; one
+    ``{branch: output}`` per pass."""
+    branches = list(payloads[0])
+    if any(list(p) != branches for p in payloads):
+        raise ValueError(f"the keyframe passes ran different branches: {[list(p) for p in payloads]}")
+    outs = [{} for _ in payloads]
+    for c in branches:
+        qs, ks, vs, sqks = (list(x) for x in zip(*(p[c] for p in payloads)))
+        for o, r in zip(outs, keyframe_attention_passes(qs, ks, vs, heads, sqks, precision)):
+            o[c] = r
+    return outs
 
 
 def output_patch(n, extra_options):

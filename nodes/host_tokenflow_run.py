@@ -14,6 +14,7 @@ sampler), and the PnP windows are noise-level thresholds.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import Counter
@@ -23,11 +24,14 @@ import torch
 
 from ..stem.ddim import ddim_timesteps
 from ..stem.inversion import Inversion
+from ..stem.memory import PassPlan
 from ..stem.tokenflow import batch_ranges, sample_keyframes
 from .host_base import StemError
-from .host_control_hints import frame_hints
+from .host_control_hints import frame_hints, interleaved_hints
 from .host_latents import inversion_conditioning
 from .host_model import check_model, interrupted, model_family
+from .host_passes import LayerSync
+from .host_plans import plan_edit
 from .host_sampling import PassProgress, ddim_sampler
 from .host_tokenflow_hooks import (
     KEYFRAMES,
@@ -108,6 +112,7 @@ class RunTrace:
     passes: list = field(default_factory=list)
     split_calls: bool = False
     notes: list = field(default_factory=list)  # said to the user (log and node UI)
+    plan: PassPlan | None = None  # keyframes a pass and the memory estimate
 
     def calls(self, hook: str) -> dict:
         """``{(step, kind): {block: count}}`` of one hook, summed over a step's passes of a kind."""
@@ -121,37 +126,81 @@ class RunTrace:
 
 
 def tokenflow_guider(model, plan: EditPlan, inv: Inversion, source_cond, positive, negative, cfg: float, seed: int,
-                     progress: PassProgress | None, trace: RunTrace):
+                     progress: PassProgress | None, trace: RunTrace, keyframes_per_pass: int = 0):
     import comfy.samplers
 
     generator = torch.Generator().manual_seed(int(seed))
 
     class TokenFlowGuider(comfy.samplers.CFGGuider):
-        def run_pass(self, ctx: PassContext, frames, x, ts, model_options, num_frames: int, step: int):
-            """One pass over ``frames`` of the clip (``x`` and ``ts`` are already cut to them):
-            all three branches, in one call where ComfyUI can."""
-            interrupted()
+        def calls(self, ctx: PassContext, frames, x, ts, model_options, num_frames: int, hints: bool = True):
+            """The UNet calls of one pass over ``frames`` of the clip (``x`` and ``ts`` are already
+            cut to them): all three branches in one call, or, once ComfyUI has run an edit branch
+            before the source (:class:`SourceMissing`), the source branch first. ``hints``: give
+            the controls the frames' hints (passes that run interleaved get them otherwise)."""
             conds = [self.conds.get("positive"), self.conds.get("negative") if cfg != 1.0 else None,
                      self.conds[SOURCE_COND]]
             calc = comfy.samplers.calc_cond_batch
-            with frame_hints(self.conds, frames, num_frames):
-                out = None
+            options = with_pass(model_options, ctx)
+            with frame_hints(self.conds, frames, num_frames if hints else 0):
                 if not trace.split_calls:
-                    try:
-                        out = calc(self.inner_model, conds, x, ts, with_pass(model_options, ctx))
-                    except SourceMissing:
-                        log.info("TokenFlow Edit: ComfyUI ran the branches separately; calling the source branch first")
-                        trace.split_calls = True
-                        ctx = ctx.fresh()
-                if out is None:
-                    options = with_pass(model_options, ctx)
-                    calc(self.inner_model, [None, None, conds[SOURCE]], x, ts, options)
-                    ctx.calls["split_pass", ctx.kind] += 1
-                    out = calc(self.inner_model, conds[:2] + [None], x, ts, options)
-            trace.passes.append(PassTrace(step, ctx.kind, ctx.batch, ctx.calls, trace.split_calls))
+                    return calc(self.inner_model, conds, x, ts, options)
+                calc(self.inner_model, [None, None, conds[SOURCE]], x, ts, options)
+                ctx.calls["split_pass", ctx.kind] += 1
+                return calc(self.inner_model, conds[:2] + [None], x, ts, options)
+
+        def attempts(self, run):
+            """``run()``, and once more with the source branch called first if ComfyUI split the
+            branches the first time."""
+            interrupted()
+            try:
+                return run()
+            except SourceMissing:
+                if trace.split_calls:
+                    raise
+                log.info("TokenFlow Edit: ComfyUI ran the branches separately; calling the source branch first")
+                trace.split_calls = True
+                return run()
+
+        def run_pass(self, make, frames, x, ts, model_options, num_frames: int, step: int):
+            """One pass (``make()`` gives its context) over ``frames`` of the clip."""
+            ctxs = []
+
+            def run():
+                ctxs[:] = [make()]
+                return self.calls(ctxs[0], frames, x, ts, model_options, num_frames)
+
+            out = self.attempts(run)
+            trace.passes.append(PassTrace(step, ctxs[0].kind, ctxs[0].batch, ctxs[0].calls, trace.split_calls))
             if progress is not None:
                 progress.pass_done()
             return out
+
+        def run_keyframes(self, make, keyframes: list[int], x, ts, model_options, num_frames: int, step: int,
+                          record: KeyframeRecord):
+            """The keyframe pass, in passes of at most ``keyframes_per_pass`` keyframes that meet at
+            every self-attention (their extended attention spans all keyframes); their records
+            are joined into ``record`` for the propagation passes. Its output is discarded
+            (REFERENCE §5.3)."""
+            n = keyframes_per_pass or len(keyframes)
+            if n >= len(keyframes):
+                self.run_pass(lambda: make(keyframes, record), keyframes, x[keyframes], ts[: len(keyframes)], model_options,
+                              num_frames, step)
+                return
+            groups = [keyframes[s: s + n] for s in range(0, len(keyframes), n)]
+            ctxs = []
+
+            def run():
+                sync = LayerSync()
+                ctxs[:] = [make(g, KeyframeRecord(), sync) for g in groups]
+                with interleaved_hints(self.conds, groups, num_frames) as entering:
+                    sync.run([functools.partial(self.calls, c, g, x[g], ts[: len(g)], model_options, num_frames, False)
+                              for c, g in zip(ctxs, groups)], entering)
+
+            self.attempts(run)
+            record.take([c.keyframe_record for c in ctxs])
+            trace.passes += [PassTrace(step, KEYFRAMES, 0, c.calls, trace.split_calls) for c in ctxs]
+            if progress is not None:
+                progress.pass_done()
 
         def predict_noise(self, x, timestep, model_options={}, seed=None):
             sigma = float(timestep.flatten()[0])
@@ -161,17 +210,18 @@ def tokenflow_guider(model, plan: EditPlan, inv: Inversion, source_cond, positiv
             keyframes = sample_keyframes(F, bs, generator)
             record = KeyframeRecord()
 
-            def context(kind, frames, batch):
+            def context(kind, frames, batch, rec=record, sync=None):
                 return PassContext(kind, batch, bs, keyframes, src[frames], sigma >= plan.attention_from,
-                                   sigma >= plan.features_from, plan.use_true_positions, record)
+                                   sigma >= plan.features_from, plan.use_true_positions, rec, sync=sync)
 
             kf = keyframes.tolist()
-            # the keyframe pass's output is discarded (REFERENCE §5.3)
-            self.run_pass(context(KEYFRAMES, kf, 0), kf, x[kf], timestep[: len(kf)], model_options, F, step)
+            self.run_keyframes(lambda frames, rec, sync=None: context(KEYFRAMES, frames, 0, rec, sync),
+                               kf, x, timestep, model_options, F, step, record)
             denoised = torch.empty_like(x)
             for b, frames in enumerate(batch_ranges(F, bs)):
                 sl = slice(frames.start, frames.stop)
-                cond, uncond, _ = self.run_pass(context(PROPAGATION, sl, b), sl, x[sl], timestep[sl], model_options, F, step)
+                cond, uncond, _ = self.run_pass(lambda: context(PROPAGATION, sl, b), sl, x[sl], timestep[sl],
+                                                model_options, F, step)
                 if cfg == 1.0:
                     denoised[sl] = cond
                 else:
@@ -201,9 +251,10 @@ def _unused_attention_patch(model) -> str | None:
 
 def tokenflow_edit(model, inv: Inversion, positive, negative, cfg=7.5, pnp_attn_t=0.5, pnp_f_t=0.8,
                    batch_size=8, seed=1, steps=None, source_conditioning=None, use_true_keyframe_positions=False,
-                   progress: bool = True) -> tuple[torch.Tensor, RunTrace]:
+                   progress: bool = True, frames_per_pass: int = 0) -> tuple[torch.Tensor, RunTrace]:
     """Edit the inverted clip towards ``positive``; returns the edited latent (LATENT scale) and
-    the run's trace."""
+    the run's trace. ``frames_per_pass``: keyframes a keyframe pass computes at a time (0 = the
+    most that fit); their extended attention spans all keyframes either way."""
     check_model(model)
     steps = steps or inv.steps
     if inv.num_frames < batch_size:
@@ -224,10 +275,13 @@ def tokenflow_edit(model, inv: Inversion, positive, negative, cfg=7.5, pnp_attn_
     ts, levels = edit_levels(inv, steps)
     plan = EditPlan(ts, levels[:-1], batch_size, window_threshold(levels[:-1], int(steps * pnp_attn_t)),
                     window_threshold(levels[:-1], int(steps * pnp_f_t)), use_true_keyframe_positions)
+    keyframes = len(batch_ranges(inv.num_frames, batch_size))
+    trace.plan = plan_edit(model, inv.clean, keyframes, batch_size, 3 if cfg != 1.0 else 2, int(frames_per_pass))
     bar = PassProgress(model, steps * plan.passes(inv.num_frames)) if progress else None
     m = build_edit_model(model)
     source_cond = source_conditioning if source_conditioning is not None else inversion_conditioning(inv)
-    g = tokenflow_guider(m, plan, inv, source_cond, positive, negative, cfg, seed, bar, trace)
+    g = tokenflow_guider(m, plan, inv, source_cond, positive, negative, cfg, seed, bar, trace,
+                         trace.plan.frames_per_pass)
     start = inv.latent_at(ts[0]).clone()  # the inversion's latent at the edit's first level
     out = g.sample(torch.zeros_like(start), start, ddim_sampler(), torch.tensor(levels, dtype=torch.float32),
                    callback=bar.step_callback if bar is not None else None, disable_pbar=True, seed=seed)

@@ -50,15 +50,22 @@ class TokenFlowEdit:
                 "keyframe_positions": (["reference (batch middle)", "true keyframe positions"], {
                     "default": "reference (batch middle)",
                     "tooltip": "How propagation weighs two keyframes: the reference measures distances to each batch's middle; the option uses the sampled keyframes."}),
+                "frames_per_pass": ("INT", {"default": 0, "min": 0, "max": 4096,
+                                            "tooltip": "Keyframes the UNet computes at a time in each step's keyframe pass (0 = auto: all of "
+                                                       "them where they fit in memory, else the most that fit). Their extended attention "
+                                                       "still spans every keyframe, and the edit is the same. The run's memory estimate "
+                                                       "is logged, and a run that cannot fit is refused before it starts."}),
             },
         }
 
     def edit(self, model, inversion, positive, negative, cfg, pnp_attn_t, pnp_f_t, batch_size, seed,
-             steps=0, source_conditioning=None, source_latent=None, keyframe_positions="reference (batch middle)"):
+             steps=0, source_conditioning=None, source_latent=None, keyframe_positions="reference (batch middle)",
+             frames_per_pass=0):
         if source_latent is not None:
             inversion.check_matches(latent_frames(source_latent, "source_latent"))
         out, trace = tokenflow_edit(model, inversion, positive, negative, cfg, pnp_attn_t, pnp_f_t, batch_size, seed,
-                                    steps or None, source_conditioning, keyframe_positions.startswith("true"))
+                                    steps or None, source_conditioning, keyframe_positions.startswith("true"),
+                                    frames_per_pass=frames_per_pass)
         if trace.notes:  # shown on the node as well as in the log
             return {"ui": {"text": trace.notes}, "result": ({"samples": out},)}
         return ({"samples": out},)

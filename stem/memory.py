@@ -2,18 +2,25 @@
 
 A model of SD1.x/SD2.x's activations in terms of the tokens of one frame at the UNet's first
 level (``N = latent height * latent width``), fitted to peaks measured on the CPU in fp32
-(``benchmarks/bench_long_clips.py``: 8 to 64 frames at 256x256 in one pass and in passes of 8,
-8 frames at 512x512 in one pass and in passes of 4; within 15% of every measured peak there);
+(``benchmarks/bench_long_clips.py``: 8 to 128 frames at 256x256 in one pass and in passes of 8,
+8 frames at 512x512 in one pass and in passes of 4; the table in the README);
 bytes scale with the element size.
 
 - A fixed part: buffers that do not grow with the clip (``FIXED_BYTES``).
 - A pass that computes holds the working activations of its rows: ``ACTIVE`` bytes per token
   and row (a one-pass inversion grows by about 38 MiB a frame at 256x256, 150 at 512x512).
 - A pass that waits at a self-attention (layer-synchronous passes) holds its skip connections
-  (1620 channels x N values over SD1.x's 12 skips, 6.6 MB a frame at 256x256) and that layer's
-  residual, q, k and v, and what the allocator keeps around them: ``HELD`` bytes per token and
-  row (measured: about 20 MiB a frame at 256x256).
-- Inflated attention also gathers every frame's keys and values of a layer at once.
+  (1620 channels x N values over SD1.x's 12 skips, 6.6 MB a frame at 256x256), that layer's
+  residual and norm output, and what the allocator keeps around them: ``HELD`` bytes per token
+  and row. STEM and inflated passes wait before the layer's projections (``HELD_BYTES_PER_TOKEN``:
+  measured 11 MiB a frame at 256x256 from 32 to 128 frames in passes of 8);
+  TokenFlow's keyframe passes wait in the attention, holding q, k and v as well
+  (``HELD_QKV_BYTES_PER_TOKEN``, measured on the first route: about 20 MiB a frame at 256x256).
+- Inflated attention, and TokenFlow's keyframes in passes, also gather every frame's keys and
+  values of a layer at once.
+- TokenFlow keeps, for the propagation passes, each keyframe's source ``norm1(x)`` and every
+  branch's self-attention output at all of SD1.x's 16 self-attentions
+  (``RECORD_BYTES_PER_TOKEN`` per keyframe: 4 tensors of 2822 values per first-level token).
 """
 from __future__ import annotations
 
@@ -22,8 +29,13 @@ from dataclasses import dataclass
 # fp32 bytes per first-level token and batch row; see the module docstring
 FIXED_BYTES = 110 * 2**20
 ACTIVE_BYTES_PER_TOKEN = 38_900
-HELD_BYTES_PER_TOKEN = 20_500
+HELD_BYTES_PER_TOKEN = 11_500
+HELD_QKV_BYTES_PER_TOKEN = 20_500
 GATHERED_BYTES_PER_TOKEN = 2 * 320 * 4  # inflated: keys and values at the first level (320 channels)
+# sum over SD1.x's 16 self-attentions of tokens x channels, per first-level token: 5 layers at
+# each of the 3 levels (N x 320, N/4 x 640, N/16 x 1280) and the middle (N/64 x 1280)
+RECORD_VALUES_PER_TOKEN = 5 * 320 + 5 * 640 // 4 + 5 * 1280 // 16 + 1280 // 64
+RECORD_BYTES_PER_TOKEN = 4 * RECORD_VALUES_PER_TOKEN * 4
 # what a plan may take of the memory that is free: the rest is headroom for the host
 DEFAULT_SHARE = 0.8
 
@@ -41,13 +53,15 @@ class PassPlan:
 
 
 def estimate_bytes(frames: int, frames_per_pass: int, tokens: int, rows_per_frame: int = 1,
-                   element_size: int = 4, inflated: bool = False) -> int:
+                   element_size: int = 4, inflated: bool = False, holds_qkv: bool = False) -> int:
     """Peak bytes above the loaded model of one UNet call over ``frames`` frames (each in
-    ``rows_per_frame`` cond chunks) run in passes of ``frames_per_pass``."""
+    ``rows_per_frame`` cond chunks) run in passes of ``frames_per_pass``; ``holds_qkv``: the
+    passes wait in the attention (TokenFlow's keyframes), not before the projections."""
     n = max(1, min(int(frames_per_pass), int(frames)))
     scale = element_size / 4
     active = ACTIVE_BYTES_PER_TOKEN * tokens * n * rows_per_frame
-    held = HELD_BYTES_PER_TOKEN * tokens * (frames - n) * rows_per_frame
+    per_waiting = HELD_QKV_BYTES_PER_TOKEN if holds_qkv else HELD_BYTES_PER_TOKEN
+    held = per_waiting * tokens * (frames - n) * rows_per_frame
     gathered = GATHERED_BYTES_PER_TOKEN * tokens * frames * rows_per_frame if inflated and n < frames else 0
     return int(FIXED_BYTES + (active + held + gathered) * scale)
 
@@ -60,17 +74,41 @@ def plan_passes(frames: int, tokens: int, free_bytes: int | None, frames_per_pas
     a given one is kept."""
     if frames < 1:
         raise ValueError(f"need at least one frame, got {frames}")
+    return _search(frames, frames_per_pass, free_bytes, share, lambda n: PassPlan(
+        frames, n, rows_per_frame, estimate_bytes(frames, n, tokens, rows_per_frame, element_size, inflated)))
+
+
+def _search(total: int, requested: int, free_bytes: int | None, share: float, plan) -> tuple[PassPlan, bool]:
+    """``plan(n)`` for the requested ``n`` (kept, and judged), or with 0 for the largest ``n``
+    that fits ``share`` of ``free_bytes`` (``plan(1)``, not fitting, when none does)."""
     limit = None if free_bytes is None else share * free_bytes
-
-    def plan(n: int) -> PassPlan:
-        return PassPlan(frames, n, rows_per_frame,
-                        estimate_bytes(frames, n, tokens, rows_per_frame, element_size, inflated))
-
-    if frames_per_pass > 0:
-        p = plan(min(frames, int(frames_per_pass)))
+    if requested > 0:
+        p = plan(min(total, int(requested)))
         return p, limit is None or p.estimate_bytes <= limit
-    for n in range(frames, 0, -1):
+    for n in range(total, 0, -1):
         p = plan(n)
         if limit is None or p.estimate_bytes <= limit:
             return p, True
     return plan(1), False
+
+
+def tokenflow_estimate_bytes(keyframes: int, keyframes_per_pass: int, batch_size: int, tokens: int,
+                             branches: int = 3, element_size: int = 4) -> int:
+    """Peak bytes above the loaded model of a TokenFlow edit step: the larger of the keyframe
+    pass (``keyframes`` keyframes, one per batch, in passes of ``keyframes_per_pass`` that
+    gather the edit branches' keys and values) and a propagation pass (``batch_size`` frames),
+    plus the keyframe record the propagation passes read. ``branches``: 3, or 2 without CFG."""
+    keyframe_pass = estimate_bytes(keyframes, keyframes_per_pass, tokens, branches, element_size,
+                                   inflated=True, holds_qkv=True)
+    propagation = estimate_bytes(batch_size, batch_size, tokens, branches, element_size)
+    record = RECORD_BYTES_PER_TOKEN * tokens * keyframes * element_size // 4
+    return max(keyframe_pass, propagation) + record
+
+
+def plan_tokenflow(keyframes: int, batch_size: int, tokens: int, free_bytes: int | None, keyframes_per_pass: int = 0,
+                   branches: int = 3, element_size: int = 4, share: float = DEFAULT_SHARE) -> tuple[PassPlan, bool]:
+    """:func:`plan_passes` for a TokenFlow edit: keyframes a pass (0 = the most that fit)."""
+    if keyframes < 1:
+        raise ValueError(f"need at least one keyframe, got {keyframes}")
+    return _search(keyframes, keyframes_per_pass, free_bytes, share, lambda n: PassPlan(
+        keyframes, n, branches, tokenflow_estimate_bytes(keyframes, n, batch_size, tokens, branches, element_size)))

@@ -10,7 +10,8 @@ keyframe output taken at each token's nearest neighbour (cosine similarity of th
 Notation: F frames in a batch, N tokens per frame, C channels, K keyframes, G branches
 (3 in the reference: source, unconditional, conditional). Everything here is plain torch. The
 host adapter's attention hooks call, in every transformer block:
-- keyframe pass: :func:`keyframe_attention` for each edit branch;
+- keyframe pass: :func:`keyframe_attention` for each edit branch (:func:`keyframe_attention_passes`
+  when the keyframes come in several passes);
 - propagation pass: :func:`batch_fields` on the source branch's ``norm1(x)``, then
   :func:`propagate_outputs` in place of the self-attention of every branch.
 """
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F_nn
 from torch import Tensor
 
-from .attention import full_attention
+from .attention import full_attention_passes
 
 __all__ = [
     "DEFAULT_SIM_BLOCK_ELEMENTS",
@@ -34,6 +35,7 @@ __all__ = [
     "propagation_weights",
     "propagate",
     "keyframe_attention",
+    "keyframe_attention_passes",
     "NNFields",
     "batch_fields",
     "propagate_outputs",
@@ -248,12 +250,30 @@ def keyframe_attention(
         ``[K, N, heads*d]``: every keyframe's queries attend to the tokens of all K keyframes
         (extended attention). The source branch itself keeps per-frame attention.
     """
-    if source_qk is not None:
-        sq, sk = source_qk
-        if sq.shape != q.shape or sk.shape != k.shape:
-            raise ValueError(f"source q/k {tuple(sq.shape)} do not match the branch's {tuple(q.shape)}")
-        q, k = sq.to(q.dtype), sk.to(k.dtype)
-    return full_attention(q, k, v, heads, precision=precision)
+    return keyframe_attention_passes([q], [k], [v], heads, [source_qk], precision)[0]
+
+
+def keyframe_attention_passes(
+    qs: list[Tensor],
+    ks: list[Tensor],
+    vs: list[Tensor],
+    heads: int,
+    source_qks: list[tuple[Tensor, Tensor] | None],
+    precision: torch.dtype | None = None,
+) -> list[Tensor]:
+    """:func:`keyframe_attention` of one edit branch whose keyframes come in several passes
+    (``[K_p, N, heads*d]`` each, with the source's q/k of the same keyframes in the PnP window):
+    every pass's queries attend to the tokens of the keyframes of all passes. One output per
+    pass; one pass is :func:`keyframe_attention`."""
+    subs = []
+    for q, k, sqk in zip(qs, ks, source_qks):
+        if sqk is not None:
+            sq, sk = sqk
+            if sq.shape != q.shape or sk.shape != k.shape:
+                raise ValueError(f"source q/k {tuple(sq.shape)} do not match the branch's {tuple(q.shape)}")
+            q, k = sq.to(q.dtype), sk.to(k.dtype)
+        subs.append((q, k))
+    return full_attention_passes([q for q, _ in subs], [k for _, k in subs], vs, heads, 1, precision)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ NODE_TYPES: dict[str, NodeType] = {
              ("conditioning", "CONDITIONING", True), ("source_latent", "LATENT", True)),
         (("LATENT", "LATENT"),), core=False),
     "STEMTokenFlowEdit": NodeType(
-        ("cfg", "pnp_attn_t", "pnp_f_t", "batch_size", "seed", "steps", "keyframe_positions"),
+        ("cfg", "pnp_attn_t", "pnp_f_t", "batch_size", "seed", "steps", "keyframe_positions", "frames_per_pass"),
         (("model", "MODEL", False), ("inversion", "STEM_INVERSION", False), ("positive", "CONDITIONING", False),
          ("negative", "CONDITIONING", False), ("source_conditioning", "CONDITIONING", True),
          ("source_latent", "LATENT", True)),
@@ -189,7 +189,7 @@ def tokenflow_edit():
           {"model": (8, 0), "latent": (7, 0), "conditioning": (4, 0)}),
         N(11, "STEMTokenFlowEdit", (1240, 180), (340, 330),
           {"cfg": 7.5, "pnp_attn_t": 0.5, "pnp_f_t": 0.8, "batch_size": 8, "seed": 1, "steps": 0,
-           "keyframe_positions": "reference (batch middle)"},
+           "keyframe_positions": "reference (batch middle)", "frames_per_pass": 0},
           {"model": (9, 0), "inversion": (10, 0), "positive": (5, 0), "negative": (6, 0), "source_latent": (7, 0)},
           control={"seed": "fixed"}),
         N(12, "VAEDecode", (1620, 180), (210, 46), {}, {"samples": (11, 0), "vae": (2, 2)}),

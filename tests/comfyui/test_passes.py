@@ -22,6 +22,7 @@ def sd(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
         model=r.get_node_output("1")[0], latent=r.get_node_output("3")[0]["samples"], source=r.get_node_output("4")[0],
         negative=r.get_node_output("5")[0], node=mod("nodes.attention_patch").STEMAttentionPatch(),
         inv=mod("nodes.inversion_nodes"), plans=mod("nodes.host_plans"), passes=mod("nodes.host_passes"),
+        tf=mod("nodes.host_tokenflow_run"), patch=mod("nodes.attention_patch"),
     )
 
 
@@ -129,3 +130,79 @@ def test_cancel_stops_inside_a_step_at_the_next_layer(sd, monkeypatch):
     finally:
         mm.interrupt_current_processing(False)
     assert len(calls) == 9  # 3 layers x 3 passes of the first step's call, of 4 x 16 x 3
+
+
+def test_stem_passes_meet_before_the_projections(sd, monkeypatch):
+    """Passes wait with the layer's input, not its q, k, v: the keys and values of all passes are
+    projected once at the meeting, the bases made once a layer, and each pass attends its own
+    queries to them."""
+    made, attended = [], []
+    real_bases, real_attend = sd.patch.stem_bases, sd.patch.attend_shared
+    monkeypatch.setattr(sd.patch, "stem_bases", lambda ks, *a, **kw: made.append([k.shape[0] for k in ks])
+                        or real_bases(ks, *a, **kw))
+    monkeypatch.setattr(sd.patch, "attend_shared", lambda q, *a, **kw: attended.append(q.shape[0])
+                        or real_attend(q, *a, **kw))
+    sd.inv.invert(patched(sd, "stem", 3), sd.latent, sd.source, 1)
+    assert made == [[3, 3, 2]] * 16 and attended == [3, 3, 2] * 16
+
+
+def edit(sd, inv, frames_per_pass, **kw):
+    return sd.tf.tokenflow_edit(sd.model, inv, sd.source, sd.negative, cfg=7.5, batch_size=2, seed=3, steps=STEPS,
+                                frames_per_pass=frames_per_pass, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def one_pass_edit(sd):
+    """A per-frame inversion and its TokenFlow edit in one keyframe pass (8 frames in batches of
+    2: 4 keyframes a step), with the log lines of the edit."""
+    import logging
+
+    inv = sd.inv.invert(sd.model, sd.latent, sd.source, STEPS)
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("ComfyUI-STEM")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        out, trace = edit(sd, inv, 0)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    return types.SimpleNamespace(inv=inv, out=out, trace=trace, log=lines)
+
+
+def test_a_tokenflow_edit_with_keyframes_in_passes_equals_one_pass(sd, one_pass_edit, monkeypatch):
+    """With free memory for 3 keyframes a pass but not 4, auto edits the 4 keyframes of each
+    step in passes of 3 + 1 that meet at every self-attention, so that their extended
+    attention (PnP included) spans all 4: the edit equals the one-pass edit to fp32 rounding."""
+    t1 = one_pass_edit.trace
+    assert (t1.plan.frames_per_pass, t1.plan.passes) == (4, 1) and t1.plan.estimate_bytes > 0
+    assert any("TokenFlow Edit: 4 keyframes in 1 pass of up to 4 and propagation passes of 2 frames, about" in line
+               for line in one_pass_edit.log)
+    free = sd.plans.plan_tokenflow(4, 2, 64, None, 3, 3)[0].estimate_bytes / 0.8 + 1
+    monkeypatch.setattr(sd.plans, "free_memory", lambda device=None: free)
+    many, t2 = edit(sd, one_pass_edit.inv, 0)
+    assert (t2.plan.frames_per_pass, t2.plan.passes) == (3, 2)
+    kinds = lambda t: [(p.step, p.kind) for p in t.passes if p.kind == "keyframes"]  # noqa: E731
+    assert kinds(t2) == [(s, "keyframes") for s in range(STEPS) for _ in range(2)]
+    assert kinds(t1) == [(s, "keyframes") for s in range(STEPS)]
+    for hook in ("attn", "pnp_qk", "pnp_features", "out"):  # every hook ran in both keyframe passes
+        assert t2.calls(hook) == {k: {b: n * 2 for b, n in v.items()} if k[1] == "keyframes" else v
+                                  for k, v in t1.calls(hook).items()}, hook
+    harness.assert_fp32_close(many, one_pass_edit.out, depth=100, gain=7.5)
+
+
+def test_a_tokenflow_edit_that_cannot_fit_is_refused_with_its_estimate(sd, one_pass_edit, monkeypatch):
+    """Refused before the first UNet call, naming the estimate, the free memory and the fix."""
+    free = sd.plans.plan_tokenflow(4, 2, 64, None, 1, 3)[0].estimate_bytes / 0.8 + 1
+    monkeypatch.setattr(sd.plans, "free_memory", lambda device=None: free)
+    with pytest.raises(ValueError, match=r"TokenFlow Edit: frames_per_pass 4 means 4 keyframes in 1 pass .* about .* GiB "
+                                         r"above the model, which would not fit: .* GiB is free.* Set frames_per_pass "
+                                         r"to 0 \(auto\) or at most 1"):
+        edit(sd, one_pass_edit.inv, 4)
+    monkeypatch.setattr(sd.plans, "free_memory", lambda device=None: 1000)
+    with pytest.raises(ValueError, match=r"TokenFlow Edit: even 4 keyframes in 4 passes of up to 1 .* Use a smaller "
+                                         r"batch_size"):
+        edit(sd, one_pass_edit.inv, 0)

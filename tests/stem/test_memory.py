@@ -38,3 +38,22 @@ def test_nothing_fits_reports_one_frame_a_pass():
     assert not fits and plan.frames_per_pass == 1 and plan.passes == 32
     with pytest.raises(ValueError):
         plan_passes(0, N, None)
+
+
+def test_a_tokenflow_step_is_planned_in_keyframes_a_pass():
+    from stem.memory import RECORD_BYTES_PER_TOKEN, plan_tokenflow, tokenflow_estimate_bytes
+
+    # 240 frames in batches of 8: 30 keyframes; fewer keyframes a pass need less memory, down to
+    # a propagation pass of 8 frames, and the keyframe record is always there
+    whole, four, one = (tokenflow_estimate_bytes(30, n, 8, N) for n in (30, 4, 1))
+    assert whole > four > one >= estimate_bytes(8, 8, N, 3) + RECORD_BYTES_PER_TOKEN * N * 30
+    assert tokenflow_estimate_bytes(30, 4, 8, N, branches=2) < four
+    assert tokenflow_estimate_bytes(30, 4, 8, N, element_size=2) < four
+    plan, fits = plan_tokenflow(30, 8, N, None)
+    assert fits and plan.frames_per_pass == 30 and plan.passes == 1
+    plan, fits = plan_tokenflow(30, 8, N, four / 0.8 + 1)
+    assert fits and plan.frames_per_pass == 4 and plan.passes == 8
+    plan, fits = plan_tokenflow(30, 8, N, four / 0.8 + 1, keyframes_per_pass=10)
+    assert plan.frames_per_pass == 10 and not fits
+    plan, fits = plan_tokenflow(30, 8, N, 1000)
+    assert plan.frames_per_pass == 1 and not fits

@@ -401,3 +401,22 @@ def test_keyframe_attention_is_extended_attention_with_source_queries_and_keys()
                                rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError):
         keyframe_attention(q, k, v, heads, (sq[:2], sk[:2]))
+
+
+@pytest.mark.parametrize("cuts", [[1, 3], [2, 3], [1, 2, 3]])
+@pytest.mark.parametrize("pnp", [False, True])
+def test_keyframe_attention_over_passes_is_the_one_pass_attention(cuts, pnp):
+    """Keyframes split into passes (issue 10) still attend to every keyframe's tokens, the
+    source's q/k substituted pass by pass: the same result as one pass."""
+    from stem.tokenflow import keyframe_attention_passes
+
+    gen = _gen(41)
+    K, N, heads, d = 3, 5, 2, 4
+    q, k, v, sq, sk = (torch.randn(K, N, heads * d, generator=gen) for _ in range(5))
+    bounds = list(zip([0] + cuts[:-1], cuts))
+    part = lambda x: [x[a:b] for a, b in bounds]  # noqa: E731
+    sqks = [(a, b) for a, b in zip(part(sq), part(sk))] if pnp else [None] * len(bounds)
+    many = keyframe_attention_passes(part(q), part(k), part(v), heads, sqks)
+    one = keyframe_attention(q, k, v, heads, (sq, sk) if pnp else None)
+    assert [m.shape[0] for m in many] == [b - a for a, b in bounds]
+    torch.testing.assert_close(torch.cat(many), one, rtol=0, atol=1e-6)
