@@ -9,6 +9,11 @@ estimate the nodes make before the run (stem.memory).
 Each cell is one process: the checkpoint loads, a 1-frame inversion warms up, then the measured
 1-step inversion of the clip. Peak memory is the process's peak resident memory over the
 inversion minus what it held before (stem.cost), on the CPU in fp32.
+
+End to end (issue 10): a generated clip written as an mp4, loaded by Load Video Frames, encoded,
+inverted with STEM in passes and edited with TokenFlow in keyframe passes, one step each:
+
+    ... benchmarks/bench_long_clips.py --e2e 240 --size 256 --passes 8 --keyframes-per-pass 4
 """
 from __future__ import annotations
 
@@ -46,6 +51,51 @@ def one(frames: int, size: int, frames_per_pass: int, mode: str) -> dict:
             "seconds": s["seconds"], "peak_mib": s["peak_mib"], "estimate_mib": s["memory_estimate_mib"]}
 
 
+def e2e(frames: int, size: int, frames_per_pass: int, keyframes_per_pass: int, batch_size: int) -> dict:
+    sys.path.insert(0, str(REPO / "tests" / "comfyui"))
+    import comfy_harness as H
+    import torch
+
+    pack, model, clip, vae = H.benchmark_session(REPO, "stem-e2e-")
+    import folder_paths
+    import nodes
+
+    cost = H.pack_submodule(pack, "stem.cost")
+    measure, resident_bytes = cost.measure, cost.resident_bytes
+    H.write_video_clip(Path(folder_paths.get_input_directory()) / "long_clip.mp4", frames, size, size)
+    loader = H.pack_submodule(pack, "nodes.video_nodes").LoadVideoFrames()
+    inv_nodes = H.pack_submodule(pack, "nodes.inversion_nodes")
+    patch = H.pack_submodule(pack, "nodes.attention_patch")
+    tf = H.pack_submodule(pack, "nodes.host_tokenflow_run")
+    source = nodes.CLIPTextEncode().encode(clip, "a red disc and a yellow square moving")[0]
+    target = nodes.CLIPTextEncode().encode(clip, "a blue ball and a green box moving")[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "ugly, blurry, low res")[0]
+    base = resident_bytes()
+    out = {"frames": frames, "size": size}
+    with torch.inference_mode():
+        with measure() as c:
+            images = loader.load("long_clip.mp4", 0, 0, 1, size, False)[0]
+        out["load_s"], out["frames_loaded"] = round(c.seconds, 1), images.shape[0]
+        with measure() as c:
+            latent = nodes.VAEEncode().encode(vae, images)[0]["samples"]
+            del images
+        out["encode_s"] = round(c.seconds, 1)
+        m = patch.apply_attention_patch(model, dict(patch.DEFAULT_SETTINGS, frames_per_pass=frames_per_pass))
+        inv = inv_nodes.invert(m, latent, source, 1)
+        s = inv.settings
+        out.update(inversion_s=s["seconds"], inversion_peak_mib=s["peak_mib"], inversion_estimate_mib=s["memory_estimate_mib"],
+                   inversion_passes=s["passes"], inversion_fp32_mib=round(inv.latents.numel() * 4 / 2**20, 1),
+                   inversion_fp16_mib=round(inv.latents.numel() * 2 / 2**20, 1))
+        with measure() as c:
+            edited, trace = tf.tokenflow_edit(model, inv, target, negative, cfg=7.5, batch_size=batch_size, steps=1,
+                                              frames_per_pass=keyframes_per_pass, progress=False)
+        out.update(edit_s=round(c.seconds, 1), edit_peak_mib=round(c.peak_bytes / 2**20, 1),
+                   edit_estimate_mib=round(trace.plan.estimate_bytes / 2**20, 1), keyframes=trace.plan.frames,
+                   keyframe_passes=trace.plan.passes, edited_finite=bool(torch.isfinite(edited).all()))
+    out["process_above_start_mib"] = round((resident_bytes() - base) / 2**20, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", nargs="*", type=int, default=[8, 16, 32])
@@ -54,7 +104,14 @@ def main() -> None:
                     help="frames a pass; 0 = one pass of all frames")
     ap.add_argument("--mode", default="stem", choices=["stem", "inflated", "per-frame"])
     ap.add_argument("--one", nargs=3, type=int, metavar=("FRAMES", "SIZE", "FRAMES_PER_PASS"), help=argparse.SUPPRESS)
+    ap.add_argument("--e2e", type=int, metavar="FRAMES", help="load, invert and edit a generated clip of FRAMES frames")
+    ap.add_argument("--keyframes-per-pass", type=int, default=4, help="TokenFlow Edit's frames_per_pass in --e2e")
+    ap.add_argument("--batch-size", type=int, default=8, help="TokenFlow Edit's batch_size in --e2e")
     args = ap.parse_args()
+    if args.e2e:
+        n = args.passes[-1] if args.passes else 8
+        print(json.dumps(e2e(args.e2e, args.size, n, args.keyframes_per_pass, args.batch_size)))
+        return
     if args.one:
         print(json.dumps(one(*args.one, args.mode)))
         return

@@ -16,7 +16,7 @@ from .host_base import CATEGORY, StemError
 from .host_memory import free_memory
 from .host_model import attention_precision, attn1_sites, check_model, layer_seed, refuse_split_frames
 from .host_passes import SHARED_KEY, WRAPPER_KEY, attention_meeting, joined, make_pass_wrapper, parted, projection_meeting
-from .host_plans import plan_for_call
+from .host_plans import memory_profile, plan_for_call
 
 GROUPINGS = ["whole clip", "chunks of n frames"]
 MODES = ["stem", "inflated", "per-frame"]
@@ -138,7 +138,7 @@ def apply_attention_patch(model, settings: dict):
         raise StemError(f"attention: '{mode}' is not one of {MODES}")
     import comfy.patcher_extension
 
-    settings = {**DEFAULT_SETTINGS, **settings}
+    settings = {**DEFAULT_SETTINGS, **settings, "memory_profile": memory_profile(model).name}
     m = model.clone()
     if mode != "per-frame":
         replace, patch = make_stem_attn1(settings) if mode == "stem" else make_inflated_attn1(settings)
@@ -173,7 +173,7 @@ class STEMAttentionPatch:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD1.x or SD2.x model (LoRA and other patches are kept)."}),
+                "model": ("MODEL", {"tooltip": "An SD1.x, SD2.x or SDXL model (LoRA and other patches are kept)."}),
                 "attention": (MODES, {"default": "stem",
                                       "tooltip": "stem: every frame attends to EM bases of its clip (the paper). inflated: every frame "
                                                  "attends to every frame (full spatio-temporal attention; memory grows with the "

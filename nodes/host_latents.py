@@ -22,12 +22,18 @@ def latent_frames(latent: dict, input_name: str = "latent") -> torch.Tensor:
     return samples
 
 
+# SDXL's size and crop conditioning (CLIP Text Encode SDXL), kept with an inversion's prompt
+SIZE_CONDITIONING = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
+
+
 def single_cond(conditioning, input_name: str):
-    """The tensor and pooled output of a one-entry CONDITIONING, for storing with an inversion."""
+    """The tensor, pooled output and SDXL size conditioning (a dict of numbers) of a one-entry
+    CONDITIONING, for storing with an inversion."""
     if not conditioning:
         raise StemError(f"{input_name}: the conditioning is empty; connect a CLIP Text Encode")
     cond, extras = conditioning[0][0], conditioning[0][1]
-    return cond, extras.get("pooled_output")
+    sizes = {k: int(extras[k]) for k in SIZE_CONDITIONING if isinstance(extras.get(k), (int, float))}
+    return cond, extras.get("pooled_output"), sizes
 
 
 def inversion_conditioning(inv: Inversion):
@@ -35,4 +41,5 @@ def inversion_conditioning(inv: Inversion):
     if inv.cond is None:
         raise StemError("the inversion carries no source conditioning; connect source_conditioning")
     extras = {} if inv.pooled is None else {"pooled_output": inv.pooled}
+    extras.update(inv.settings.get("size_conditioning") or {})
     return [[inv.cond, extras]]

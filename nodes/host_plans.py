@@ -12,9 +12,10 @@ import logging
 
 import torch
 
-from ..stem.memory import DEFAULT_SHARE, PassPlan, plan_passes, plan_tokenflow
+from ..stem.memory import DEFAULT_SHARE, SD1, SDXL, PassPlan, Profile, plan_passes, plan_tokenflow
 from .host_base import StemError
 from .host_memory import free_memory
+from .host_model import is_sdxl
 
 log = logging.getLogger("ComfyUI-STEM")
 
@@ -23,6 +24,11 @@ FRAMES_PER_PASS_KEY = "stem_frames_per_pass"  # transformer_options: the run's r
 
 def attention_settings(model) -> dict:
     return model.model_options.get("transformer_options", {}).get("stem_attention") or {"attention": "per-frame"}
+
+
+def memory_profile(model) -> Profile:
+    """The activation model of the UNet's family (``stem.memory``)."""
+    return SDXL if is_sdxl(model) else SD1
 
 
 def _splits(settings: dict) -> bool:
@@ -56,8 +62,10 @@ def plan_run(model, latent: torch.Tensor, rows_per_frame: int, node: str) -> Pas
     requested = int(settings.get("frames_per_pass", 0)) if splits else frames
     free = _available(model)
 
+    profile = memory_profile(model)
+
     def plan(n: int):
-        return plan_passes(frames, tokens, free, n, rows_per_frame, element, inflated)
+        return plan_passes(frames, tokens, free, n, rows_per_frame, element, inflated, profile=profile)
 
     chosen, fits = plan(requested)
     if fits:
@@ -83,8 +91,10 @@ def plan_edit(model, latent: torch.Tensor, keyframes: int, batch_size: int, bran
     element = torch.tensor([], dtype=model.model.get_dtype()).element_size()
     free = _available(model)
 
+    profile = memory_profile(model)
+
     def plan(n: int):
-        return plan_tokenflow(keyframes, batch_size, tokens, free, n, branches, element)
+        return plan_tokenflow(keyframes, batch_size, tokens, free, n, branches, element, profile=profile)
 
     def describe(p: PassPlan) -> str:
         return (f"{keyframes} keyframes in {p.passes} pass{'es' if p.passes > 1 else ''} of up to {p.frames_per_pass} "
@@ -119,6 +129,7 @@ def plan_for_call(settings: dict, x: torch.Tensor, transformer_options: dict) ->
     chunks = len(transformer_options.get("cond_or_uncond") or [0])
     frames = x.shape[0] // chunks
     inflated = settings.get("attention") == "inflated" and settings.get("grouping") != "chunks of n frames"
+    profile = SDXL if settings.get("memory_profile") == SDXL.name else SD1
     plan, _ = plan_passes(frames, x.shape[-2] * x.shape[-1], free_memory(x.device), int(settings.get("frames_per_pass", 0)),
-                          chunks, x.element_size(), inflated)
+                          chunks, x.element_size(), inflated, profile=profile)
     return plan.frames_per_pass

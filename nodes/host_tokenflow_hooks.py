@@ -24,15 +24,17 @@ from typing import Any
 import torch
 
 from ..stem.tokenflow import NNFields, batch_fields, keyframe_attention, keyframe_attention_passes, propagate_outputs
-from .host_model import attention_precision, attn1_sites, refuse_split_frames, site_key
+from .host_model import PnPLayout, attention_precision, attn1_sites, pnp_layout, refuse_split_frames, site_key
 from .host_passes import WRAPPER_KEY as PASSES_WRAPPER_KEY
 
-# REFERENCE §5.2: decoder self-attentions 4..11 get the source's q and k; the residual branch
-# of output_blocks[4][0] (diffusers up_blocks[1].resnets[1]) gets the source's features.
+# REFERENCE §5.2 on SD1.x/SD2.x: decoder self-attentions 4..11 get the source's q and k; the
+# residual branch of output_blocks[4][0] (diffusers up_blocks[1].resnets[1]) gets the source's
+# features. Other UNets (SDXL) get the same rule from their module tree: host_model.pnp_layout.
 PNP_ATTN_OUTPUT_BLOCKS = range(4, 12)
 PNP_FEATURE_MODULE = "diffusion_model.output_blocks.4.0.out_layers"
 WRAPPER_KEY = "comfyui-stem.tokenflow"
 CONTEXT_KEY = "stem_tokenflow"
+PNP_KEY = "stem_pnp_attention"  # transformer_options of the edit model: the q/k injection sites
 
 KEYFRAMES, PROPAGATION = "keyframes", "propagation"
 # positions of the conds in each calc_cond_batch call; the source goes last so that ComfyUI,
@@ -152,12 +154,13 @@ def attn_replace(q, k, v, extra_options):
     key = site_key(extra_options)
     ctx.calls["attn", key] += 1
     layout = _layout(extra_options)
-    pnp = ctx.inject_attention and key[0] == "output" and key[1] in PNP_ATTN_OUTPUT_BLOCKS
+    pnp = ctx.inject_attention and key in extra_options.get(PNP_KEY, ())
     parts = {c: (qc, kc, vc) for (c, qc), (_, kc), (_, vc) in zip(_branches(q, layout), _branches(k, layout),
                                                                    _branches(v, layout))}
     if SOURCE in parts and pnp:
         ctx.source.qk[key] = parts[SOURCE][:2]
     work = attention_precision(extra_options, q.dtype)
+    outs = {SOURCE: optimized_attention(*parts[SOURCE], heads, attn_precision=precision)} if SOURCE in parts else {}
     edits = {}
     for c in layout:
         if c == SOURCE:
@@ -168,12 +171,10 @@ def attn_replace(q, k, v, extra_options):
             source_qk = _need(ctx.source.qk, key, "source q/k")
         edits[c] = (*parts[c], source_qk)
     if ctx.sync is None:
-        edited = {c: keyframe_attention(qc, kc, vc, heads, sqk, work) for c, (qc, kc, vc, sqk) in edits.items()}
+        outs.update({c: keyframe_attention(qc, kc, vc, heads, sqk, work) for c, (qc, kc, vc, sqk) in edits.items()})
     else:  # keyframes in several passes: attend over the keyframes of all of them
-        edited = ctx.sync.meet(key, lambda payloads: _keyframe_passes(payloads, heads, work), edits)
-    out = [optimized_attention(*parts[c], heads, attn_precision=precision) if c == SOURCE else edited[c]
-           for c in layout]
-    return torch.cat(out)
+        outs.update(ctx.sync.meet(key, lambda payloads: _keyframe_passes(payloads, heads, work), edits))
+    return torch.cat([outs[c] for c in layout])
 
 
 def _keyframe_passes(payloads: list[dict], heads: int, precision) -> list[dict]:
@@ -216,8 +217,13 @@ class FeatureInjection(torch.nn.Sequential):
     """``out_layers`` of output_blocks[4][0] with the PnP feature injection (REFERENCE §5.2).
 
     It holds the original layers under their own names, so weight patches (LoRA) that address
-    ``...out_layers.3.weight`` still find them. Installed with ``add_object_patch``.
+    ``...out_layers.3.weight`` still find them. Installed with ``add_object_patch`` at ``site``
+    (``PNP_FEATURE_MODULE`` on SD1.x/SD2.x; see ``host_model.pnp_layout``).
     """
+
+    def __init__(self, site: str, *layers):
+        super().__init__(*layers)
+        self.site = site
 
     def forward(self, h):
         h = super().forward(h)
@@ -225,13 +231,13 @@ class FeatureInjection(torch.nn.Sequential):
         if current is None:
             return h
         ctx, layout = current
-        ctx.calls["features", PNP_FEATURE_MODULE] += 1
+        ctx.calls["features", self.site] += 1
         parts = dict(_branches(h, layout))
         if SOURCE in parts:
             ctx.source.features = parts[SOURCE]
         if not ctx.inject_features or list(parts) == [SOURCE]:
             return h
-        ctx.calls["pnp_features", PNP_FEATURE_MODULE] += 1
+        ctx.calls["pnp_features", self.site] += 1
         if ctx.source.features is None:
             raise SourceMissing("source features")
         src = ctx.source.features.to(h.dtype)
@@ -264,11 +270,14 @@ def with_pass(model_options: dict, ctx: PassContext) -> dict:
     return options
 
 
-def build_edit_model(model):
-    """A clone of ``model`` with TokenFlow's hooks; they act only in calls that carry a pass."""
+def build_edit_model(model, layout: PnPLayout | None = None):
+    """A clone of ``model`` with TokenFlow's hooks; they act only in calls that carry a pass.
+    ``layout``: where the source is injected (the reference's rule by default)."""
     import comfy.patcher_extension
 
+    layout = layout or pnp_layout(model)
     m = model.clone()
+    m.model_options["transformer_options"][PNP_KEY] = layout.attention
     # a STEM Attention Patch's passes would cut TokenFlow's passes apart: its attention is
     # replaced below anyway, and TokenFlow's keyframe and batch passes bound their own size
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PASSES_WRAPPER_KEY)
@@ -276,6 +285,6 @@ def build_edit_model(model):
     for block, idx, tidx in attn1_sites(m):
         m.set_model_attn1_replace(attn_replace, block, idx, tidx)
     m.set_model_attn1_output_patch(output_patch)
-    m.add_object_patch(PNP_FEATURE_MODULE, FeatureInjection(*m.get_model_object(PNP_FEATURE_MODULE)))
+    m.add_object_patch(layout.features, FeatureInjection(layout.features, *m.get_model_object(layout.features)))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, source_swap)
     return m

@@ -29,7 +29,7 @@ from ..stem.tokenflow import batch_ranges, sample_keyframes
 from .host_base import StemError
 from .host_control_hints import frame_hints, interleaved_hints
 from .host_latents import inversion_conditioning
-from .host_model import check_model, interrupted, model_family
+from .host_model import PnPLayout, check_model, interrupted, model_family, pnp_layout
 from .host_passes import LayerSync
 from .host_plans import plan_edit
 from .host_sampling import PassProgress, ddim_sampler
@@ -113,6 +113,7 @@ class RunTrace:
     split_calls: bool = False
     notes: list = field(default_factory=list)  # said to the user (log and node UI)
     plan: PassPlan | None = None  # keyframes a pass and the memory estimate
+    layout: PnPLayout | None = None  # where the source was injected
 
     def calls(self, hook: str) -> dict:
         """``{(step, kind): {block: count}}`` of one hook, summed over a step's passes of a kind."""
@@ -236,6 +237,22 @@ def tokenflow_guider(model, plan: EditPlan, inv: Inversion, source_cond, positiv
     return g
 
 
+def parse_blocks(text: str) -> list[int] | None:
+    """``pnp_attention_blocks``: None for "auto", else output block ids ("4-11", "1,2,5")."""
+    text = (text or "").strip().lower()
+    if text in ("", "auto"):
+        return None
+    ids = []
+    try:
+        for part in text.replace(" ", "").split(","):
+            lo, _, hi = part.partition("-")
+            ids += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise StemError(f"pnp_attention_blocks: '{text}' is not 'auto' or output block ids such as '4-11' or "
+                        "'1,2,5'") from None
+    return ids
+
+
 def _unused_attention_patch(model) -> str | None:
     """What to tell a user whose MODEL carries a STEM Attention Patch: TokenFlow replaces every
     self-attention with its own (REFERENCE §5: the STEM reference edits with plain extended
@@ -251,10 +268,13 @@ def _unused_attention_patch(model) -> str | None:
 
 def tokenflow_edit(model, inv: Inversion, positive, negative, cfg=7.5, pnp_attn_t=0.5, pnp_f_t=0.8,
                    batch_size=8, seed=1, steps=None, source_conditioning=None, use_true_keyframe_positions=False,
-                   progress: bool = True, frames_per_pass: int = 0) -> tuple[torch.Tensor, RunTrace]:
+                   progress: bool = True, frames_per_pass: int = 0, pnp_attention_blocks: str = "auto",
+                   pnp_feature_block: int = -1) -> tuple[torch.Tensor, RunTrace]:
     """Edit the inverted clip towards ``positive``; returns the edited latent (LATENT scale) and
     the run's trace. ``frames_per_pass``: keyframes a keyframe pass computes at a time (0 = the
-    most that fit); their extended attention spans all keyframes either way."""
+    most that fit); their extended attention spans all keyframes either way.
+    ``pnp_attention_blocks`` ("auto" or output block ids such as "4-11" or "1,2,5") and
+    ``pnp_feature_block`` (-1 = auto) move the PnP injection (``host_model.pnp_layout``)."""
     check_model(model)
     steps = steps or inv.steps
     if inv.num_frames < batch_size:
@@ -278,7 +298,10 @@ def tokenflow_edit(model, inv: Inversion, positive, negative, cfg=7.5, pnp_attn_
     keyframes = len(batch_ranges(inv.num_frames, batch_size))
     trace.plan = plan_edit(model, inv.clean, keyframes, batch_size, 3 if cfg != 1.0 else 2, int(frames_per_pass))
     bar = PassProgress(model, steps * plan.passes(inv.num_frames)) if progress else None
-    m = build_edit_model(model)
+    layout = pnp_layout(model, parse_blocks(pnp_attention_blocks), None if pnp_feature_block < 0 else pnp_feature_block)
+    trace.layout = layout
+    log.info("TokenFlow Edit: %s", layout.describe())
+    m = build_edit_model(model, layout)
     source_cond = source_conditioning if source_conditioning is not None else inversion_conditioning(inv)
     g = tokenflow_guider(m, plan, inv, source_cond, positive, negative, cfg, seed, bar, trace,
                          trace.plan.frames_per_pass)

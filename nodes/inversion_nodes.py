@@ -47,7 +47,9 @@ def invert(model, samples: torch.Tensor, conditioning, steps: int) -> Inversion:
             torch.tensor(sched.inversion_sigmas, dtype=torch.float32),
             callback=preview_callback(model, steps), disable_pbar=True, seed=0,
         )
-    cond, pooled = single_cond(conditioning, "conditioning")
+    cond, pooled, sizes = single_cond(conditioning, "conditioning")
+    if sizes:
+        settings["size_conditioning"] = sizes
     settings.update({"frames_per_pass": plan.frames_per_pass, "passes": plan.passes,
                      "memory_estimate_mib": round(plan.estimate_bytes / 2**20, 1)})
     # wall time and peak memory of the whole inversion (model loading included when it happens here)
@@ -96,7 +98,7 @@ class STEMInvert:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "SD1.x/SD2.x model; patch it with STEM Attention Patch for STEM inversion."}),
+                "model": ("MODEL", {"tooltip": "SD1.x/SD2.x/SDXL model; patch it with STEM Attention Patch for STEM inversion."}),
                 "latent": ("LATENT", {"tooltip": "The clip's frames encoded with VAE Encode."}),
                 "conditioning": ("CONDITIONING", {"tooltip": "The source prompt: what the clip shows."}),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000,

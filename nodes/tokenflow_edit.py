@@ -27,7 +27,7 @@ class TokenFlowEdit:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "SD1.x/SD2.x model WITHOUT the STEM patch (editing uses extended attention). FreeU, LoRA and other patches are fine."}),
+                "model": ("MODEL", {"tooltip": "SD1.x/SD2.x/SDXL model WITHOUT the STEM patch (editing uses extended attention). FreeU, LoRA and other patches are fine."}),
                 "inversion": ("STEM_INVERSION", {"tooltip": "From STEM Invert or Load STEM Inversion."}),
                 "positive": ("CONDITIONING", {"tooltip": "The target prompt: what the clip should show."}),
                 "negative": ("CONDITIONING", {"tooltip": "Negative prompt (reference: 'ugly, blurry, low res, unrealistic, unaesthetic')."}),
@@ -55,17 +55,25 @@ class TokenFlowEdit:
                                                        "them where they fit in memory, else the most that fit). Their extended attention "
                                                        "still spans every keyframe, and the edit is the same. The run's memory estimate "
                                                        "is logged, and a run that cannot fit is refused before it starts."}),
+                "pnp_attention_blocks": ("STRING", {"default": "auto", "advanced": True,
+                                                    "tooltip": "Output (decoder) blocks whose first self-attention gets the source's "
+                                                               "queries and keys: 'auto' is the reference's rule (SD1.x/2.x: 4-11; "
+                                                               "SDXL: 1-5, untuned), or ids such as '4-11' or '1,2,5'."}),
+                "pnp_feature_block": ("INT", {"default": -1, "min": -1, "max": 64, "advanced": True,
+                                              "tooltip": "Output block whose first ResBlock's residual branch gets the source's "
+                                                         "features: -1 is the reference's rule (SD1.x/2.x: 4; SDXL: 1, untuned)."}),
             },
         }
 
     def edit(self, model, inversion, positive, negative, cfg, pnp_attn_t, pnp_f_t, batch_size, seed,
              steps=0, source_conditioning=None, source_latent=None, keyframe_positions="reference (batch middle)",
-             frames_per_pass=0):
+             frames_per_pass=0, pnp_attention_blocks="auto", pnp_feature_block=-1):
         if source_latent is not None:
             inversion.check_matches(latent_frames(source_latent, "source_latent"))
         out, trace = tokenflow_edit(model, inversion, positive, negative, cfg, pnp_attn_t, pnp_f_t, batch_size, seed,
                                     steps or None, source_conditioning, keyframe_positions.startswith("true"),
-                                    frames_per_pass=frames_per_pass)
+                                    frames_per_pass=frames_per_pass, pnp_attention_blocks=pnp_attention_blocks,
+                                    pnp_feature_block=pnp_feature_block)
         if trace.notes:  # shown on the node as well as in the log
             return {"ui": {"text": trace.notes}, "result": ({"samples": out},)}
         return ({"samples": out},)

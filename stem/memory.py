@@ -1,41 +1,59 @@
 """How much memory a UNet call over a clip takes, before it runs (issue 10).
 
-A model of SD1.x/SD2.x's activations in terms of the tokens of one frame at the UNet's first
-level (``N = latent height * latent width``), fitted to peaks measured on the CPU in fp32
-(``benchmarks/bench_long_clips.py``: 8 to 128 frames at 256x256 in one pass and in passes of 8,
-8 frames at 512x512 in one pass and in passes of 4; the table in the README);
-bytes scale with the element size.
+A model of a UNet's activations in terms of the tokens of one frame at the UNet's first level
+(``N = latent height * latent width``), per family (:class:`Profile`); SD1.x/SD2.x's is fitted
+to peaks measured on the CPU in fp32 (``benchmarks/bench_long_clips.py``: 8 to 128 frames at
+256x256 in one pass and in passes of 8, 8 frames at 512x512; the table in the README). Bytes
+scale with the element size.
 
-- A fixed part: buffers that do not grow with the clip (``FIXED_BYTES``).
-- A pass that computes holds the working activations of its rows: ``ACTIVE`` bytes per token
-  and row (a one-pass inversion grows by about 38 MiB a frame at 256x256, 150 at 512x512).
+- A fixed part: buffers that do not grow with the clip (``fixed``).
+- A pass that computes holds the working activations of its rows: ``active`` bytes per token
+  and row (a one-pass SD1.5 inversion grows by about 38 MiB a frame at 256x256, 150 at 512x512).
 - A pass that waits at a self-attention (layer-synchronous passes) holds its skip connections
   (1620 channels x N values over SD1.x's 12 skips, 6.6 MB a frame at 256x256), that layer's
-  residual and norm output, and what the allocator keeps around them: ``HELD`` bytes per token
-  and row. STEM and inflated passes wait before the layer's projections (``HELD_BYTES_PER_TOKEN``:
-  measured 11 MiB a frame at 256x256 from 32 to 128 frames in passes of 8);
-  TokenFlow's keyframe passes wait in the attention, holding q, k and v as well
-  (``HELD_QKV_BYTES_PER_TOKEN``, measured on the first route: about 20 MiB a frame at 256x256).
+  input, residual and norm output, and what the allocator keeps around them. STEM and inflated
+  passes wait before the layer's projections (``held``: measured 11 MiB a frame at 256x256 from
+  32 to 128 frames in passes of 8); TokenFlow's keyframe passes wait in the attention, holding
+  q, k and v as well (``held_qkv``: about 20 MiB a frame at 256x256, measured on the first route,
+  which held them too).
 - Inflated attention, and TokenFlow's keyframes in passes, also gather every frame's keys and
-  values of a layer at once.
+  values of a layer at once (``gathered``).
 - TokenFlow keeps, for the propagation passes, each keyframe's source ``norm1(x)`` and every
-  branch's self-attention output at all of SD1.x's 16 self-attentions
-  (``RECORD_BYTES_PER_TOKEN`` per keyframe: 4 tensors of 2822 values per first-level token).
+  branch's self-attention output at every self-attention (``record_bytes`` per keyframe: 4
+  tensors of ``record_values`` values per first-level token; 2820 on SD1.x).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# fp32 bytes per first-level token and batch row; see the module docstring
-FIXED_BYTES = 110 * 2**20
-ACTIVE_BYTES_PER_TOKEN = 38_900
-HELD_BYTES_PER_TOKEN = 11_500
-HELD_QKV_BYTES_PER_TOKEN = 20_500
-GATHERED_BYTES_PER_TOKEN = 2 * 320 * 4  # inflated: keys and values at the first level (320 channels)
-# sum over SD1.x's 16 self-attentions of tokens x channels, per first-level token: 5 layers at
-# each of the 3 levels (N x 320, N/4 x 640, N/16 x 1280) and the middle (N/64 x 1280)
-RECORD_VALUES_PER_TOKEN = 5 * 320 + 5 * 640 // 4 + 5 * 1280 // 16 + 1280 // 64
-RECORD_BYTES_PER_TOKEN = 4 * RECORD_VALUES_PER_TOKEN * 4
+
+
+@dataclass(frozen=True)
+class Profile:
+    """fp32 bytes per first-level token and batch row of one UNet family (module docstring)."""
+
+    name: str
+    fixed: int  # bytes that do not grow with the clip
+    active: int  # a frame of the pass that computes
+    held: int  # a frame of a pass waiting before a layer's projections (STEM, inflated)
+    held_qkv: int  # a frame of a pass waiting in the attention, q, k, v held (TokenFlow's keyframes)
+    gathered: int  # keys and values of every frame at the widest shared layer (inflated, TokenFlow)
+    record_values: int  # TokenFlow: sum over the self-attentions of tokens x channels
+
+    @property
+    def record_bytes(self) -> int:
+        """TokenFlow's keyframe record per keyframe: source norm1(x) and 3 branches' outputs."""
+        return 4 * self.record_values * 4
+
+
+# SD1.x/SD2.x, fitted to the README's table (CPU, fp32). The record: 5 layers at each of the 3
+# levels (N x 320, N/4 x 640, N/16 x 1280) and the middle (N/64 x 1280).
+SD1 = Profile("SD1.x/SD2.x", 110 * 2**20, 38_900, 11_500, 20_500, 2 * 320 * 4,
+              5 * 320 + 5 * 640 // 4 + 5 * 1280 // 16 + 1280 // 64)
+# SDXL, from its layout relative to SD1.x (not fitted: see the README): no attention at the
+# first level (N x 320, ResBlocks only), 10 transformer blocks at N/4 x 640 and 60 at N/16 x 1280;
+# the skip connections hold about as much as SD1.x's (1680 against 1620 values a token).
+SDXL = Profile("SDXL", 110 * 2**20, 23_000, 11_500, 13_000, 2 * 640 // 4 * 4, 10 * 640 // 4 + 60 * 1280 // 16)
 # what a plan may take of the memory that is free: the rest is headroom for the host
 DEFAULT_SHARE = 0.8
 
@@ -53,21 +71,22 @@ class PassPlan:
 
 
 def estimate_bytes(frames: int, frames_per_pass: int, tokens: int, rows_per_frame: int = 1,
-                   element_size: int = 4, inflated: bool = False, holds_qkv: bool = False) -> int:
+                   element_size: int = 4, inflated: bool = False, holds_qkv: bool = False, profile: Profile = SD1) -> int:
     """Peak bytes above the loaded model of one UNet call over ``frames`` frames (each in
     ``rows_per_frame`` cond chunks) run in passes of ``frames_per_pass``; ``holds_qkv``: the
     passes wait in the attention (TokenFlow's keyframes), not before the projections."""
     n = max(1, min(int(frames_per_pass), int(frames)))
     scale = element_size / 4
-    active = ACTIVE_BYTES_PER_TOKEN * tokens * n * rows_per_frame
-    per_waiting = HELD_QKV_BYTES_PER_TOKEN if holds_qkv else HELD_BYTES_PER_TOKEN
+    active = profile.active * tokens * n * rows_per_frame
+    per_waiting = profile.held_qkv if holds_qkv else profile.held
     held = per_waiting * tokens * (frames - n) * rows_per_frame
-    gathered = GATHERED_BYTES_PER_TOKEN * tokens * frames * rows_per_frame if inflated and n < frames else 0
-    return int(FIXED_BYTES + (active + held + gathered) * scale)
+    gathered = profile.gathered * tokens * frames * rows_per_frame if inflated and n < frames else 0
+    return int(profile.fixed + (active + held + gathered) * scale)
 
 
 def plan_passes(frames: int, tokens: int, free_bytes: int | None, frames_per_pass: int = 0, rows_per_frame: int = 1,
-                element_size: int = 4, inflated: bool = False, share: float = DEFAULT_SHARE) -> tuple[PassPlan, bool]:
+                element_size: int = 4, inflated: bool = False, share: float = DEFAULT_SHARE,
+                profile: Profile = SD1) -> tuple[PassPlan, bool]:
     """The pass size to run with, its estimate, and whether that fits ``share`` of
     ``free_bytes`` (None: unknown, anything fits). ``frames_per_pass`` 0 picks the largest
     that fits (one pass when the clip fits; one frame a pass, not fitting, when none does);
@@ -75,7 +94,8 @@ def plan_passes(frames: int, tokens: int, free_bytes: int | None, frames_per_pas
     if frames < 1:
         raise ValueError(f"need at least one frame, got {frames}")
     return _search(frames, frames_per_pass, free_bytes, share, lambda n: PassPlan(
-        frames, n, rows_per_frame, estimate_bytes(frames, n, tokens, rows_per_frame, element_size, inflated)))
+        frames, n, rows_per_frame, estimate_bytes(frames, n, tokens, rows_per_frame, element_size, inflated,
+                                                  profile=profile)))
 
 
 def _search(total: int, requested: int, free_bytes: int | None, share: float, plan) -> tuple[PassPlan, bool]:
@@ -93,22 +113,24 @@ def _search(total: int, requested: int, free_bytes: int | None, share: float, pl
 
 
 def tokenflow_estimate_bytes(keyframes: int, keyframes_per_pass: int, batch_size: int, tokens: int,
-                             branches: int = 3, element_size: int = 4) -> int:
+                             branches: int = 3, element_size: int = 4, profile: Profile = SD1) -> int:
     """Peak bytes above the loaded model of a TokenFlow edit step: the larger of the keyframe
     pass (``keyframes`` keyframes, one per batch, in passes of ``keyframes_per_pass`` that
     gather the edit branches' keys and values) and a propagation pass (``batch_size`` frames),
     plus the keyframe record the propagation passes read. ``branches``: 3, or 2 without CFG."""
     keyframe_pass = estimate_bytes(keyframes, keyframes_per_pass, tokens, branches, element_size,
-                                   inflated=True, holds_qkv=True)
-    propagation = estimate_bytes(batch_size, batch_size, tokens, branches, element_size)
-    record = RECORD_BYTES_PER_TOKEN * tokens * keyframes * element_size // 4
+                                   inflated=True, holds_qkv=True, profile=profile)
+    propagation = estimate_bytes(batch_size, batch_size, tokens, branches, element_size, profile=profile)
+    record = profile.record_bytes * tokens * keyframes * element_size // 4
     return max(keyframe_pass, propagation) + record
 
 
 def plan_tokenflow(keyframes: int, batch_size: int, tokens: int, free_bytes: int | None, keyframes_per_pass: int = 0,
-                   branches: int = 3, element_size: int = 4, share: float = DEFAULT_SHARE) -> tuple[PassPlan, bool]:
+                   branches: int = 3, element_size: int = 4, share: float = DEFAULT_SHARE,
+                   profile: Profile = SD1) -> tuple[PassPlan, bool]:
     """:func:`plan_passes` for a TokenFlow edit: keyframes a pass (0 = the most that fit)."""
     if keyframes < 1:
         raise ValueError(f"need at least one keyframe, got {keyframes}")
     return _search(keyframes, keyframes_per_pass, free_bytes, share, lambda n: PassPlan(
-        keyframes, n, branches, tokenflow_estimate_bytes(keyframes, n, batch_size, tokens, branches, element_size)))
+        keyframes, n, branches, tokenflow_estimate_bytes(keyframes, n, batch_size, tokens, branches, element_size,
+                                                         profile)))

@@ -742,6 +742,45 @@ def assert_fp32_close(actual, expected, depth: int, gain: float = 1.0) -> None:
     torch.testing.assert_close(actual, expected, rtol=0.0, atol=tol)
 
 
+def random_sdxl(model_channels: int = 320, num_head_channels: int = 64, seed: int = 0, prediction: str = "eps",
+                std: float = 0.05):
+    """A ModelPatcher around an SDXL UNet built from ComfyUI's own SDXL config and model classes
+    (its block layout and depths: 70 self-attentions), with seeded random weights, fp32. The
+    defaults are SDXL's full widths (2.6 B parameters, 10 GB); the tests use small ones."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    import torch
+
+    config = sm.SDXL({
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+        "num_classes": "sequential", "adm_in_channels": 2816, "dtype": torch.float32, "in_channels": 4,
+        "model_channels": model_channels, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+        "context_dim": 2048, "num_head_channels": num_head_channels,
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+        "use_temporal_resblock": False})
+    config.unet_config["num_head_channels"] = num_head_channels  # the family's extra config sets 64
+    base = config.get_model({"v_pred": torch.zeros(())} if prediction == "v" else {})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+
+
+def sdxl_conditioning(seed: int, width: int = 64, height: int = 64):
+    """CONDITIONING as CLIP Text Encode SDXL gives it (tokens 2048 wide, a 1280-wide pooled
+    output, size and crop), random."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 77, 2048, generator=g), {
+        "pooled_output": torch.randn(1, 1280, generator=g), "width": width, "height": height, "crop_w": 0,
+        "crop_h": 0, "target_width": width, "target_height": height}]]
+
+
 def benchmark_session(repo_root: Path, prefix: str):
     """For the scripts in benchmarks/: ComfyUI in CPU mode, temp folders, the core extra nodes,
     this repo loaded as a custom node pack and the random SD1.5 checkpoint loaded.

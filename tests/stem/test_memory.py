@@ -41,12 +41,12 @@ def test_nothing_fits_reports_one_frame_a_pass():
 
 
 def test_a_tokenflow_step_is_planned_in_keyframes_a_pass():
-    from stem.memory import RECORD_BYTES_PER_TOKEN, plan_tokenflow, tokenflow_estimate_bytes
+    from stem.memory import SD1, plan_tokenflow, tokenflow_estimate_bytes
 
     # 240 frames in batches of 8: 30 keyframes; fewer keyframes a pass need less memory, down to
     # a propagation pass of 8 frames, and the keyframe record is always there
     whole, four, one = (tokenflow_estimate_bytes(30, n, 8, N) for n in (30, 4, 1))
-    assert whole > four > one >= estimate_bytes(8, 8, N, 3) + RECORD_BYTES_PER_TOKEN * N * 30
+    assert whole > four > one >= estimate_bytes(8, 8, N, 3) + SD1.record_bytes * N * 30
     assert tokenflow_estimate_bytes(30, 4, 8, N, branches=2) < four
     assert tokenflow_estimate_bytes(30, 4, 8, N, element_size=2) < four
     plan, fits = plan_tokenflow(30, 8, N, None)
@@ -57,3 +57,11 @@ def test_a_tokenflow_step_is_planned_in_keyframes_a_pass():
     assert plan.frames_per_pass == 10 and not fits
     plan, fits = plan_tokenflow(30, 8, N, 1000)
     assert plan.frames_per_pass == 1 and not fits
+
+
+def test_sdxl_has_its_own_profile():
+    from stem.memory import SD1, SDXL, plan_passes
+
+    assert estimate_bytes(8, 8, N, profile=SDXL) != estimate_bytes(8, 8, N, profile=SD1)
+    assert SDXL.record_values == 6400 and SD1.record_values == 2820  # 70 self-attentions against 16
+    assert plan_passes(8, N, None, profile=SDXL)[0].estimate_bytes == estimate_bytes(8, 8, N, profile=SDXL)

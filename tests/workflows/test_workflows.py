@@ -259,7 +259,7 @@ def test_tokenflow_workflow_has_the_reference_defaults():
     wf = ui("stem_tokenflow_edit")
     p = {n["id"]: n for n in wf["nodes"]}
     assert _node(wf, "STEMInvert")["widgets_values"] == [50]
-    assert _node(wf, "STEMTokenFlowEdit")["widgets_values"] == [7.5, 0.5, 0.8, 8, 1, "fixed", 0, "reference (batch middle)", 0]
+    assert _node(wf, "STEMTokenFlowEdit")["widgets_values"] == [7.5, 0.5, 0.8, 8, 1, "fixed", 0, "reference (batch middle)", 0, "auto", -1]
     assert _node(wf, "STEMAttentionPatch")["widgets_values"] == ["stem", 256, 5, 0.01, 1, "fixed", "whole clip", 8, 0]
     assert _node(wf, "FreeU")["widgets_values"] == [1.2, 1.4, 0.9, 0.2]
     assert _node(wf, "STEMLoadVideoFrames")["widgets_values"][4:6] == [512, False]
