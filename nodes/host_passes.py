@@ -89,7 +89,13 @@ class LayerSync:
                 self.meetings += 1
                 outs = values[0].combine([v.payload for v in values])
                 del meeting, keys
-                values = [resume(i, o) for i, o in enumerate(outs)]
+                for v in values:  # a resumed pass frees what it brought while the others still wait
+                    v.payload = None
+                values = []
+                for i in range(len(gls)):
+                    out, outs[i] = outs[i], None  # held by pass i alone from here
+                    values.append(resume(i, out))
+                    del out
                 del outs
         finally:
             for g in gls:  # unwind passes left suspended (Cancel, an error): their memory goes now

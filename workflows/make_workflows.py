@@ -98,6 +98,7 @@ WIDGET_TYPES = {("CreateVideo", "fps"): "FLOAT"}
 NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
 DEFAULT_CLIP = "your_clip.mp4"
 DEFAULT_CKPT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 
 # ----------------------------------------------------------------------------------------------
 # One description per workflow
@@ -118,10 +119,10 @@ class N:
     bgcolor: str | None = None
 
 
-def _load_clip(nid, pos):
+def _load_clip(nid, pos, size=512):
     return N(nid, "STEMLoadVideoFrames", pos, (320, 460),
              {"video": DEFAULT_CLIP, "frame_load_cap": 0, "skip_first_frames": 0, "select_every_nth": 1,
-              "size": 512, "crop": False})
+              "size": size, "crop": False})
 
 
 def _save(nid, pos, src, prefix, size=(420, 460), title=None):
@@ -137,8 +138,8 @@ def _note(nid, pos, size, text):
     return N(nid, "Note", pos, size, {"text": text}, color="#432", bgcolor="#653")
 
 
-def _ckpt(nid, pos):
-    return N(nid, "CheckpointLoaderSimple", pos, (320, 98), {"ckpt_name": DEFAULT_CKPT})
+def _ckpt(nid, pos, name=DEFAULT_CKPT):
+    return N(nid, "CheckpointLoaderSimple", pos, (320, 98), {"ckpt_name": name})
 
 
 def _stem_patch(nid, pos, model, attention="stem", title=None):
@@ -156,7 +157,7 @@ def _prompt(nid, pos, clip, text, title, color=None):
 NOTE_SETUP = (
     "Before you queue:\n"
     "1. Checkpoint: an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly.safetensors) in ComfyUI/models/checkpoints, "
-    "picked in Load Checkpoint. SD2.x works too; SDXL, SD3, Flux and video models are refused.\n"
+    "picked in Load Checkpoint. SD2.x and SDXL work too; the SDXL refiner, SD3, Flux and video models are refused.\n"
     "2. Video: put a clip (mp4, webm, mov, avi, mkv, gif, or a folder of frames) in ComfyUI/input/, or use the "
     "upload button of Load Video Frames, and pick it there. size = short side in pixels (512 as in the paper); "
     "frame_load_cap (0 = all), skip_first_frames and select_every_nth pick the frames.\n"
@@ -176,32 +177,62 @@ def tokenflow_edit():
         "Output: ComfyUI/output/stem/ gets the edited clip (tokenflow_edit_*.mp4) and a side-by-side "
         "comparison, source | edit (tokenflow_compare_*.mp4), at the clip's frame rate."
     )
+    freeu = N(9, "FreeU", (860, 300), (320, 130), {"b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}, {"model": (2, 0)})
+    return _edit_graph(text, DEFAULT_CKPT, 512, freeu, "stem/tokenflow")
+
+
+def sdxl_tokenflow_edit():
+    text = (
+        "STEM inversion + TokenFlow editing on SDXL\n\n"
+        "1. Checkpoint: SDXL base (sd_xl_base_1.0.safetensors) or an SDXL fine-tune in ComfyUI/models/checkpoints, "
+        "picked in Load Checkpoint (not the refiner).\n"
+        "2. Video: put a clip (mp4, webm, mov, avi, mkv, gif, or a folder of frames) in ComfyUI/input/, or use "
+        "the upload button of Load Video Frames. size 1024 is SDXL's native short side; use 768 or 512 where "
+        "1024 does not fit (the nodes refuse a run that would not fit, with the estimate).\n"
+        "3. Prompts: source (what the clip shows), target (what it should show), negative.\n\n"
+        "UNTUNED: the mechanics are tested on SDXL's layout, but the quality on SDXL has not been judged (no real "
+        "weights were available to us), and the PnP layers follow the reference's rule (SDXL output blocks 1-5, "
+        "features at output block 1; TokenFlow Edit's advanced inputs move them). No FreeU here: its SD1.5 "
+        "values do not carry over.\n\n"
+        "Defaults otherwise the paper's: 50 + 50 steps, cfg 7.5, batch_size 8, pnp 0.5 / 0.8, 256 bases.\n\n"
+        "Time: SDXL at 1024 has 16 times SD1.5-at-512's latent tokens at its first level and a heavier UNet: "
+        "this wants a GPU with plenty of memory; frames_per_pass (STEM Attention Patch, TokenFlow Edit) bounds "
+        "the memory of long clips.\n\n"
+        "Output: ComfyUI/output/stem/ gets sdxl_tokenflow_edit_*.mp4 and sdxl_tokenflow_compare_*.mp4."
+    )
+    return _edit_graph(text, SDXL_CKPT, 1024, None, "stem/sdxl_tokenflow")
+
+
+def _edit_graph(text, ckpt, size, freeu, prefix):
+    """Load Checkpoint -> Load Video Frames -> VAE Encode -> STEM Attention Patch -> STEM Invert
+    -> TokenFlow Edit (on ``freeu``'s model where given) -> VAE Decode -> saved videos."""
+    edit_model = (9, 0) if freeu is not None else (2, 0)
     nodes = [
         _note(1, (-480, 0), (440, 620), text),
-        _ckpt(2, (0, 0)),
-        _load_clip(3, (0, 150)),
+        _ckpt(2, (0, 0), ckpt),
+        _load_clip(3, (0, 150), size),
         _prompt(4, (380, 0), (2, 1), "a man is playing tennis", "Source prompt (what the clip shows)"),
         _prompt(5, (380, 190), (2, 1), "Spider-Man is playing tennis", "Target prompt (what it should show)", "green"),
         _prompt(6, (380, 380), (2, 1), NEGATIVE, "Negative prompt", "red"),
         N(7, "VAEEncode", (380, 570), (210, 46), {}, {"pixels": (3, 0), "vae": (2, 2)}),
         _stem_patch(8, (860, 0), (2, 0)),
-        N(9, "FreeU", (860, 300), (320, 130), {"b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}, {"model": (2, 0)}),
+        *([freeu] if freeu is not None else []),
         N(10, "STEMInvert", (1240, 0), (320, 120), {"steps": 50},
           {"model": (8, 0), "latent": (7, 0), "conditioning": (4, 0)}),
         N(11, "STEMTokenFlowEdit", (1240, 180), (340, 330),
           {"cfg": 7.5, "pnp_attn_t": 0.5, "pnp_f_t": 0.8, "batch_size": 8, "seed": 1, "steps": 0,
            "keyframe_positions": "reference (batch middle)", "frames_per_pass": 0, "pnp_attention_blocks": "auto",
            "pnp_feature_block": -1},
-          {"model": (9, 0), "inversion": (10, 0), "positive": (5, 0), "negative": (6, 0), "source_latent": (7, 0)},
+          {"model": edit_model, "inversion": (10, 0), "positive": (5, 0), "negative": (6, 0), "source_latent": (7, 0)},
           control={"seed": "fixed"}),
         N(12, "VAEDecode", (1620, 180), (210, 46), {}, {"samples": (11, 0), "vae": (2, 2)}),
         _create_video(13, (1620, 270), (12, 0), (3, 2)),
-        _save(14, (1920, 0), (13, 0), "stem/tokenflow_edit", title="Save Video (edit)"),
+        _save(14, (1920, 0), (13, 0), f"{prefix}_edit", title="Save Video (edit)"),
         N(15, "ImageStitch", (1620, 400), (270, 150),
           {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"},
           {"image1": (3, 0), "image2": (12, 0)}, title="Side by side: source | edit"),
         _create_video(16, (1620, 590), (15, 0), (3, 2)),
-        _save(17, (2360, 0), (16, 0), "stem/tokenflow_compare", (640, 460), title="Save Video (source | edit)"),
+        _save(17, (2360, 0), (16, 0), f"{prefix}_compare", (640, 460), title="Save Video (source | edit)"),
     ]
     return nodes
 
@@ -309,6 +340,7 @@ def attention_ksampler():
 
 WORKFLOWS = {
     "stem_tokenflow_edit": tokenflow_edit,
+    "stem_sdxl_tokenflow_edit": sdxl_tokenflow_edit,
     "stem_inversion_reconstruction": inversion_reconstruction,
     "stem_attention_ksampler": attention_ksampler,
 }

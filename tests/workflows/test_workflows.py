@@ -255,6 +255,18 @@ def _source_of(wf, node_id, input_name):
     return tuple(links[inp["link"]][1:3])
 
 
+def test_sdxl_workflow_has_sdxl_defaults_and_says_it_is_untuned():
+    wf = ui("stem_sdxl_tokenflow_edit")
+    assert _node(wf, "STEMLoadVideoFrames")["widgets_values"][4:6] == [1024, False]
+    assert _node(wf, "STEMTokenFlowEdit")["widgets_values"] == [7.5, 0.5, 0.8, 8, 1, "fixed", 0, "reference (batch middle)",
+                                                               0, "auto", -1]
+    assert not [n for n in wf["nodes"] if n["type"] == "FreeU"]
+    note = next(n for n in wf["nodes"] if n["type"] == "Note")["widgets_values"][0]
+    assert "UNTUNED" in note and "output blocks 1-5" in note
+    edit = _node(wf, "STEMTokenFlowEdit")["id"]
+    assert "STEMAttentionPatch" not in _upstream_types(wf, edit, "model")
+
+
 def test_tokenflow_workflow_has_the_reference_defaults():
     wf = ui("stem_tokenflow_edit")
     p = {n["id"]: n for n in wf["nodes"]}
@@ -303,10 +315,12 @@ def test_each_workflow_explains_itself_and_saves_video(name):
     notes = [n for n in wf["nodes"] if n["type"] == "Note"]
     assert len(notes) == 1
     text = notes[0]["widgets_values"][0]
-    for must in ("models/checkpoints", "input/", "SD1.5", "Time"):
+    sdxl = "sdxl" in name
+    for must in ("models/checkpoints", "input/", "SDXL" if sdxl else "SD1.5", "Time"):
         assert must in text, f"{name}: the note does not mention {must!r}"
     assert any(n["type"] == "SaveVideo" for n in wf["nodes"])
-    assert _node(wf, "CheckpointLoaderSimple")["widgets_values"] == ["v1-5-pruned-emaonly.safetensors"]
+    ckpt = "sd_xl_base_1.0.safetensors" if sdxl else "v1-5-pruned-emaonly.safetensors"
+    assert _node(wf, "CheckpointLoaderSimple")["widgets_values"] == [ckpt]
 
 
 @pytest.mark.parametrize("name", NAMES)
