@@ -14,8 +14,9 @@ scale with the element size.
   input, residual and norm output, and what the allocator keeps around them. STEM and inflated
   passes wait before the layer's projections (``held``: measured 11 MiB a frame at 256x256 from
   32 to 128 frames in passes of 8); TokenFlow's keyframe passes wait in the attention, holding
-  q, k and v as well (``held_qkv``: about 20 MiB a frame at 256x256, measured on the first route,
-  which held them too).
+  the layer's q, k and v as well (``held_qkv``: ``held`` plus three first-level tensors, about
+  12 MiB a frame and branch at 256x256; the measured TokenFlow peaks, 240 frames at 256x256,
+  were in the propagation passes, so this part is not fitted on its own).
 - Inflated attention, and TokenFlow's keyframes in passes, also gather every frame's keys and
   values of a layer at once (``gathered``).
 - TokenFlow keeps, for the propagation passes, each keyframe's source ``norm1(x)`` and every
@@ -48,7 +49,7 @@ class Profile:
 
 # SD1.x/SD2.x, fitted to the README's table (CPU, fp32). The record: 5 layers at each of the 3
 # levels (N x 320, N/4 x 640, N/16 x 1280) and the middle (N/64 x 1280).
-SD1 = Profile("SD1.x/SD2.x", 110 * 2**20, 38_900, 11_500, 20_500, 2 * 320 * 4,
+SD1 = Profile("SD1.x/SD2.x", 110 * 2**20, 38_900, 11_500, 12_500, 2 * 320 * 4,
               5 * 320 + 5 * 640 // 4 + 5 * 1280 // 16 + 1280 // 64)
 # SDXL, from its layout relative to SD1.x (not fitted: see the README): no attention at the
 # first level (N x 320, ResBlocks only), 10 transformer blocks at N/4 x 640 and 60 at N/16 x 1280;
