@@ -157,6 +157,8 @@ def one_pass_edit(sd):
     2: 4 keyframes a step), with the log lines of the edit."""
     import logging
 
+    import comfy.model_management
+
     inv = sd.inv.invert(sd.model, sd.latent, sd.source, STEPS)
     lines = []
     handler = logging.Handler(logging.INFO)
@@ -170,7 +172,10 @@ def one_pass_edit(sd):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old)
-    return types.SimpleNamespace(inv=inv, out=out, trace=trace, log=lines)
+    yield types.SimpleNamespace(inv=inv, out=out, trace=trace, log=lines)
+    # ComfyUI leaves the last loaded clone's object patches (TokenFlow's feature module) in the
+    # shared UNet until another model loads; unload, so later modules see the model as loaded
+    comfy.model_management.unload_all_models()
 
 
 def test_a_tokenflow_edit_with_keyframes_in_passes_equals_one_pass(sd, one_pass_edit, monkeypatch):

@@ -28,14 +28,17 @@ def sdxl_cond(seed, width=64, height=64):
 
 @pytest.fixture(scope="module")
 def xl(stem_pack):
+    import comfy.model_management
+
     mod = lambda name: harness.pack_submodule(stem_pack, name)  # noqa: E731
-    return types.SimpleNamespace(
+    yield types.SimpleNamespace(
         model=tiny_sdxl(), source=sdxl_cond(1), positive=sdxl_cond(2), negative=sdxl_cond(3),
         latent=torch.randn(F, 4, SIDE, SIDE, generator=torch.Generator().manual_seed(4)),
         common=mod("nodes.host_model"), patch=mod("nodes.attention_patch"), inv=mod("nodes.inversion_nodes"),
         tf=mod("nodes.host_tokenflow_run"), hooks=mod("nodes.host_tokenflow_hooks"), attention=mod("stem.attention"),
         latents=mod("nodes.host_latents"),
     )
+    comfy.model_management.unload_all_models()  # the edits' object patches leave the shared UNet
 
 
 def settings(**kw):

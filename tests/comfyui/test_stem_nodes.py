@@ -379,9 +379,10 @@ def test_tokenflow_passes_get_their_own_frames_controlnet_hints(sd, inversions, 
 def test_unsupported_model_family_is_refused(sd):
     import comfy.supported_models as sm
 
-    fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=sm.SDXL(dict(sm.SDXL.unet_config)),
+    # SDXL is supported since issue 11 (tests/comfyui/test_sdxl.py); SD3 keeps the refusal
+    fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=sm.SD3(dict(sm.SD3.unet_config)),
                                                              model_type=sd.model.model.model_type))
-    with pytest.raises(ValueError, match=r"SDXL models are not supported.*SD1\.x and SD2\.x"):
+    with pytest.raises(ValueError, match=r"SD3 models are not supported.*SD1\.x, SD2\.x and SDXL"):
         sd.common.check_model(fake)
 
 
