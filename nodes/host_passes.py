@@ -19,6 +19,7 @@ Cancel is checked at every layer meeting, so it stops a long step within one lay
 from __future__ import annotations
 
 import contextvars
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -180,7 +181,8 @@ def projection_meeting(n, context, value, extra_options: dict, shared: Callable[
     """The body of an attn1 patch (it runs before the layer's q, k, v projections). In a pass of
     a synchronised call, meet the other passes holding only the projections' inputs; at the
     meeting the layer's keys and values of every pass are projected (by the layer's own module,
-    weight patches included) and ``shared(keys, values, extra_options)`` makes what every pass
+    weight patches included; each pass's values as a function that projects them when they are
+    used) and ``shared(keys, values, extra_options)`` makes what every pass
     attends to (STEM's bases, or all frames' keys and values). It is left in ``extra_options``
     under :data:`SHARED_KEY` for the attn1 replacement, and the pass projects only its queries
     (one token of keys and values, unused). Outside such a call nothing changes."""
@@ -194,7 +196,8 @@ def projection_meeting(n, context, value, extra_options: dict, shared: Callable[
     def combine(payloads: list) -> list:
         attn = sync.attn1(site)
         keys = [attn.to_k(c) for c, _, _ in payloads]
-        values = [attn.to_v(v) for _, v, _ in payloads]
+        # values are projected when they are used (STEM: EM's last iteration, a pass at a time)
+        values = [functools.partial(attn.to_v, v) for _, v, _ in payloads]
         made = shared(keys, values, payloads[0][2])
         return [made] * len(payloads)
 

@@ -128,10 +128,11 @@ def gathered_keys_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values of every frame of each chunk, from the passes' ``[num_chunks * F_p,
     N, heads*d]`` tensors (chunk c's frames of pass p in rows ``c*F_p .. (c+1)*F_p - 1``), as
-    ``[c, h, T, d]`` for :func:`attend_shared`: what inflated attention attends to."""
+    ``[c, h, T, d]`` for :func:`attend_shared`: what inflated attention attends to. A pass's
+    values may be a function that makes them."""
     work = precision or ks[0].dtype
     keys = torch.cat([_clip_view(k, num_chunks, heads).to(work) for k in ks], dim=2)
-    values = torch.cat([_clip_view(v, num_chunks, heads).to(work) for v in vs], dim=2)
+    values = torch.cat([_clip_view(v() if callable(v) else v, num_chunks, heads).to(work) for v in vs], dim=2)
     return keys, values
 
 
@@ -148,9 +149,15 @@ def stem_bases(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The EM key and value bases ``[c, h, M, d]`` (fp32) of each chunk's frames over all passes
     (``ks``, ``vs`` as in :func:`gathered_keys_values`): EM runs once per chunk and head over
-    the keys of all passes, as token blocks that are never concatenated (REFERENCE §4)."""
+    the keys of all passes, as token blocks that are never concatenated (REFERENCE §4). A pass's
+    values may be a function that makes them: it is called once, for EM's last iteration, and
+    only one pass's values are alive at a time."""
     key_blocks = [_clip_view(k, num_chunks, heads) for k in ks]
-    value_blocks = [_clip_view(v, num_chunks, heads) for v in vs]
+
+    def view(v):
+        return (lambda: _clip_view(v(), num_chunks, heads)) if callable(v) else _clip_view(v, num_chunks, heads)
+
+    value_blocks = [view(v) for v in vs]
     return em_bases(key_blocks, value_blocks, num_bases, iters, tau, generator, chunk_size)
 
 

@@ -44,11 +44,14 @@ def _blocks(x: Tokens) -> list[torch.Tensor]:
 
 def token_chunks(blocks: Tokens, step: int) -> Iterator[torch.Tensor]:
     """Contiguous fp32 chunks of ``step`` tokens of the blocks' concatenation along ``-2``
-    (the last one shorter), built from slices, with a copy only of what a chunk holds."""
+    (the last one shorter), built from slices, with a copy only of what a chunk holds. A block
+    may be a function that makes it: it is called when its tokens are reached, and the block is
+    let go once its last chunk is out."""
     blocks = _blocks(blocks)
     pending: list[torch.Tensor] = []
     have = 0
     for b in blocks:
+        b = b() if callable(b) else b
         start, T = 0, b.shape[-2]
         while start < T:
             take = min(step - have, T - start)
@@ -125,6 +128,8 @@ def em_bases(
     """Estimate the key bases ``mu`` and the value bases ``V_b`` of REFERENCE §4.
 
     keys, values: ``[..., T, d]``, or token blocks of it (any float dtype; all arithmetic is fp32).
+    Value blocks may be functions that make them (the values of one pass of a long clip, made
+    only for the last iteration, one block at a time); their token counts must match the keys'.
     Returns ``(mu, v_bases)``, fp32 ``[..., M, d]``; ``v_bases`` is None without values.
 
     Each iteration: E-step ``z = softmax_m(K . normalize(mu) / tau)``, column normalisation
@@ -144,7 +149,8 @@ def em_bases(
         raise ValueError(f"num_bases must be at least 1, got {num_bases}")
     key_blocks = _blocks(keys)
     value_blocks = None if values is None else _blocks(values)
-    if value_blocks is not None and [v.shape[:-1] for v in value_blocks] != [k.shape[:-1] for k in key_blocks]:
+    if value_blocks is not None and not any(callable(v) for v in value_blocks) and \
+            [v.shape[:-1] for v in value_blocks] != [k.shape[:-1] for k in key_blocks]:
         raise ValueError(f"keys {[tuple(k.shape) for k in key_blocks]} and values "
                          f"{[tuple(v.shape) for v in value_blocks]} differ in tokens")
     T = sum(k.shape[-2] for k in key_blocks)

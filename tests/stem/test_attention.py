@@ -154,3 +154,24 @@ def test_attention_over_passes_equals_one_pass_bit_for_bit(bounds, num_chunks):
     one = full_attention(q, k, v, 2, num_chunks=num_chunks)
     many = full_attention_passes(qs, ks, vs, 2, num_chunks)
     assert torch.equal(torch.cat(many), torch.cat(_passes(one, num_chunks, bounds)))
+
+
+def test_stem_bases_take_values_as_functions_made_once_each():
+    """A long clip's values are projected only for EM's last iteration, one pass at a time."""
+    from stem.attention import stem_bases
+
+    q, k, v = qkv(B=12, N=10)
+    ks, vs = [k[:4], k[4:8], k[8:]], [v[:4], v[4:8], v[8:]]
+    made = []
+
+    def maker(x):
+        def make():
+            made.append(x.shape[0])
+            return x
+        return make
+
+    kw = dict(num_bases=8, chunk_size=16)
+    eager = stem_bases(ks, vs, 2, 2, generator=torch.Generator().manual_seed(3), **kw)
+    lazy = stem_bases(ks, [maker(x) for x in vs], 2, 2, generator=torch.Generator().manual_seed(3), **kw)
+    assert made == [4, 4, 4]
+    assert torch.equal(lazy[0], eager[0]) and torch.equal(lazy[1], eager[1])
