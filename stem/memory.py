@@ -40,6 +40,7 @@ class Profile:
     held_qkv: int  # a frame of a pass waiting in the attention, q, k, v held (TokenFlow's keyframes)
     gathered: int  # keys and values of every frame at the widest shared layer (inflated, TokenFlow)
     record_values: int  # TokenFlow: sum over the self-attentions of tokens x channels
+    edit_active: int | None = None  # a frame-branch row of a TokenFlow pass, where it differs from ``active``
 
     @property
     def record_bytes(self) -> int:
@@ -51,10 +52,13 @@ class Profile:
 # levels (N x 320, N/4 x 640, N/16 x 1280) and the middle (N/64 x 1280).
 SD1 = Profile("SD1.x/SD2.x", 110 * 2**20, 38_900, 11_500, 12_500, 2 * 320 * 4,
               5 * 320 + 5 * 640 // 4 + 5 * 1280 // 16 + 1280 // 64)
-# SDXL, from its layout relative to SD1.x (not fitted: see the README): no attention at the
-# first level (N x 320, ResBlocks only), 10 transformer blocks at N/4 x 640 and 60 at N/16 x 1280;
-# the skip connections hold about as much as SD1.x's (1680 against 1620 values a token).
-SDXL = Profile("SDXL", 110 * 2**20, 23_000, 11_500, 13_000, 2 * 640 // 4 * 4, 10 * 640 // 4 + 60 * 1280 // 16)
+# SDXL: ``active`` and ``edit_active`` from one measured run each (benchmarks/bench_sdxl.py, full-size
+# random UNet, 8 frames at 256x256 on the CPU: a 2-step inversion peaked at 363 MiB, a TokenFlow
+# edit with batch_size 4 at 1374 MiB); the waiting parts from its layout relative to SD1.x (no
+# attention at the first level; 10 transformer blocks at N/4 x 640 and 60 at N/16 x 1280; skip
+# connections of about SD1.x's size, 1680 against 1620 values a token), not measured.
+SDXL = Profile("SDXL", 110 * 2**20, 32_000, 11_500, 13_000, 2 * 640 // 4 * 4, 10 * 640 // 4 + 60 * 1280 // 16,
+               edit_active=89_900)
 # what a plan may take of the memory that is free: the rest is headroom for the host
 DEFAULT_SHARE = 0.8
 
@@ -72,13 +76,15 @@ class PassPlan:
 
 
 def estimate_bytes(frames: int, frames_per_pass: int, tokens: int, rows_per_frame: int = 1,
-                   element_size: int = 4, inflated: bool = False, holds_qkv: bool = False, profile: Profile = SD1) -> int:
+                   element_size: int = 4, inflated: bool = False, holds_qkv: bool = False, profile: Profile = SD1,
+                   edit: bool = False) -> int:
     """Peak bytes above the loaded model of one UNet call over ``frames`` frames (each in
     ``rows_per_frame`` cond chunks) run in passes of ``frames_per_pass``; ``holds_qkv``: the
-    passes wait in the attention (TokenFlow's keyframes), not before the projections."""
+    passes wait in the attention (TokenFlow's keyframes), not before the projections; ``edit``:
+    a TokenFlow pass (``profile.edit_active`` a row where the profile has one)."""
     n = max(1, min(int(frames_per_pass), int(frames)))
     scale = element_size / 4
-    active = profile.active * tokens * n * rows_per_frame
+    active = ((profile.edit_active or profile.active) if edit else profile.active) * tokens * n * rows_per_frame
     per_waiting = profile.held_qkv if holds_qkv else profile.held
     held = per_waiting * tokens * (frames - n) * rows_per_frame
     gathered = profile.gathered * tokens * frames * rows_per_frame if inflated and n < frames else 0
@@ -120,8 +126,8 @@ def tokenflow_estimate_bytes(keyframes: int, keyframes_per_pass: int, batch_size
     gather the edit branches' keys and values) and a propagation pass (``batch_size`` frames),
     plus the keyframe record the propagation passes read. ``branches``: 3, or 2 without CFG."""
     keyframe_pass = estimate_bytes(keyframes, keyframes_per_pass, tokens, branches, element_size,
-                                   inflated=True, holds_qkv=True, profile=profile)
-    propagation = estimate_bytes(batch_size, batch_size, tokens, branches, element_size, profile=profile)
+                                   inflated=True, holds_qkv=True, profile=profile, edit=True)
+    propagation = estimate_bytes(batch_size, batch_size, tokens, branches, element_size, profile=profile, edit=True)
     record = profile.record_bytes * tokens * keyframes * element_size // 4
     return max(keyframe_pass, propagation) + record
 
