@@ -742,6 +742,26 @@ def assert_fp32_close(actual, expected, depth: int, gain: float = 1.0) -> None:
     torch.testing.assert_close(actual, expected, rtol=0.0, atol=tol)
 
 
+def one_guided_call(model, positive, negative, x, cfg: float):
+    """One guided model call through ComfyUI's CFGGuider on latent x (LATENT scale): the
+    denoised output of the model at sigma 2."""
+    import comfy.samplers
+    import torch
+
+    got = {}
+
+    def fn(m, noise, sigmas, extra_args=None, callback=None, disable=None):
+        got["denoised"] = m(noise, sigmas[0] * noise.new_ones(noise.shape[0]), **extra_args)
+        return noise
+
+    g = comfy.samplers.CFGGuider(model)
+    g.set_conds(positive, negative)
+    g.set_cfg(cfg)
+    with torch.no_grad():
+        g.sample(torch.zeros_like(x), x, comfy.samplers.KSAMPLER(fn), torch.tensor([2.0, 1.0]), seed=0)
+    return got["denoised"]
+
+
 def random_sdxl(model_channels: int = 320, num_head_channels: int = 64, seed: int = 0, prediction: str = "eps",
                 std: float = 0.05):
     """A ModelPatcher around an SDXL UNet built from ComfyUI's own SDXL config and model classes

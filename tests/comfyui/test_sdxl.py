@@ -47,22 +47,8 @@ def settings(**kw):
 
 
 def model_call(model, positive, negative, x, cfg=2.0):
-    """One guided model call through ComfyUI's CFGGuider (ComfyUI builds SDXL's pooled, size
-    and crop vector from the conds)."""
-    import comfy.samplers
-
-    got = {}
-
-    def fn(m, noise, sigmas, extra_args=None, callback=None, disable=None):
-        got["denoised"] = m(noise, sigmas[0] * noise.new_ones(noise.shape[0]), **extra_args)
-        return noise
-
-    g = comfy.samplers.CFGGuider(model)
-    g.set_conds(positive, negative)
-    g.set_cfg(cfg)
-    with torch.no_grad():
-        g.sample(torch.zeros_like(x), x, comfy.samplers.KSAMPLER(fn), torch.tensor([2.0, 1.0]), seed=0)
-    return got["denoised"]
+    """One guided model call (ComfyUI builds SDXL's pooled, size and crop vector from the conds)."""
+    return harness.one_guided_call(model, positive, negative, x, cfg)
 
 
 def test_sdxl_is_accepted_and_its_70_self_attentions_are_found_from_the_module_tree(xl):

@@ -97,20 +97,7 @@ def test_stem_patch_output_equals_stem_attention_on_captured_qkv(sd, monkeypatch
 
 def harness_model_call(model, positive, negative, x, cfg):
     """One guided model call through ComfyUI's CFGGuider on latent x (LATENT scale)."""
-    import comfy.samplers
-
-    got = {}
-
-    def fn(m, noise, sigmas, extra_args=None, callback=None, disable=None):
-        got["denoised"] = m(noise, sigmas[0] * noise.new_ones(noise.shape[0]), **extra_args)
-        return noise
-
-    g = comfy.samplers.CFGGuider(model)
-    g.set_conds(positive, negative)
-    g.set_cfg(cfg)
-    with torch.no_grad():
-        g.sample(torch.zeros_like(x), x, comfy.samplers.KSAMPLER(fn), torch.tensor([2.0, 1.0]), seed=0)
-    return got["denoised"]
+    return harness.one_guided_call(model, positive, negative, x, cfg)
 
 
 @pytest.mark.parametrize("layout", [[0], [1], [1, 0], [0, 1], [0, 1, 2]])
