@@ -28,28 +28,18 @@ def frame_hints(conds: dict, frames, num_frames: int):
     afterwards (the control objects belong to the conditioning, which ComfyUI caches). A single
     hint image, or a hint batch of another length, is left to ComfyUI.
     """
-    saved = []
-    if num_frames > 1:
-        for control in controls(conds):
-            hint = getattr(control, "cond_hint_original", None)
-            if isinstance(hint, torch.Tensor) and hint.shape[0] == num_frames:
-                saved.append((control, hint))
-                control.cond_hint_original = hint[frames]
-                control.cond_hint = None  # recomputed from the frames' hints by get_control
-    try:
+    with interleaved_hints(conds, [frames], num_frames) as entering:
+        entering(0)
         yield
-    finally:
-        for control, hint in saved:
-            control.cond_hint_original = hint
-            control.cond_hint = None
 
 
 @contextlib.contextmanager
 def interleaved_hints(conds: dict, groups: list, num_frames: int):
     """:func:`frame_hints` for passes whose UNet calls run interleaved (keyframes in several
     passes, issue 10): yields ``entering(i)``, to be called whenever pass i is about to compute,
-    which gives the controls pass i's frames' hints and its own prepared hint (ControlNet keeps
-    the hint it prepared for a call and reuses it while the shapes match)."""
+    which gives the controls pass i's frames (``groups[i]``) of the hints and its own prepared
+    hint (ControlNet keeps the hint it prepared for a call and reuses it while the shapes match;
+    a pass's is recomputed from its frames' hints by get_control the first time)."""
     clip = []
     if num_frames > 1:
         for control in controls(conds):

@@ -62,14 +62,12 @@ def attn1_sites(model) -> list[tuple[str, int, int]]:
     return [(block, i, t) for block, i, layer in _transformers(unet) for t in range(len(layer.transformer_blocks))]
 
 
-def attn1_module(unet, site: tuple[str, int, int]):
-    """The self-attention module (``to_q``, ``to_k``, ``to_v``, ``to_out``) at ``site`` of the
-    UNet (``diffusion_model``), as ComfyUI runs it: LoRA and other weight patches included."""
-    block, idx, t = site
-    for b, i, layer in _transformers(unet):
-        if (b, i) == (block, idx):
-            return layer.transformer_blocks[t].attn1
-    raise KeyError(f"no self-attention at {site}")
+def attn1_modules(unet) -> dict:
+    """``{(block, id, transformer_index): self-attention module}`` of the UNet
+    (``diffusion_model``) as ComfyUI runs it (``to_q``, ``to_k``, ``to_v``, ``to_out``; LoRA and
+    other weight patches included)."""
+    return {(block, i, t): tb.attn1 for block, i, layer in _transformers(unet)
+            for t, tb in enumerate(layer.transformer_blocks)}
 
 
 def is_sdxl(model) -> bool:

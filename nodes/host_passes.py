@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from .host_model import attn1_module, interrupted, site_key
+from .host_model import attn1_modules, interrupted, site_key
 
 PASSES_KEY = "stem_passes"  # transformer_options entry of a pass: its LayerSync
 SHARED_KEY = "stem_layer_shared"  # extra_options of one layer in a pass: what the meeting handed back
@@ -139,8 +139,7 @@ def make_pass_wrapper(frames_per_pass: Callable[[torch.Tensor, dict], int], sync
         n = frames_per_pass(x, transformer_options)
         if n <= 0 or n >= B // chunks:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        unet = getattr(executor.class_obj, "diffusion_model", None)
-        sync = LayerSync(attn1=lambda site: attn1_module(unet, site)) if synchronised else None
+        sync = LayerSync(attn1=attn1_modules(executor.class_obj.diffusion_model).__getitem__) if synchronised else None
 
         def one_pass(rows):
             options = _cut(dict(transformer_options), rows, B)

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from ..stem.memory import DEFAULT_SHARE, SD1, SDXL, PassPlan, Profile, plan_passes, plan_tokenflow
+from ..stem.memory import DEFAULT_SHARE, PROFILES, SD1, SDXL, PassPlan, Profile, plan_passes, plan_tokenflow
 from .host_base import StemError
 from .host_memory import free_memory
 from .host_model import is_sdxl
@@ -36,6 +36,15 @@ def _splits(settings: dict) -> bool:
     return "frames_per_pass" in settings
 
 
+def _inflated(settings: dict) -> bool:
+    """Whether the passes gather every frame's keys and values (inflated over the whole clip)."""
+    return settings.get("attention") == "inflated" and settings.get("grouping") != "chunks of n frames"
+
+
+def _element_size(model) -> int:
+    return torch.tensor([], dtype=model.model.get_dtype()).element_size()
+
+
 def _available(model) -> int | None:
     """Free memory on the model's device once the model is loaded there."""
     device = model.load_device
@@ -47,40 +56,47 @@ def _available(model) -> int | None:
     return free
 
 
-def _describe(plan: PassPlan) -> str:
-    return (f"{plan.frames} frames in {plan.passes} pass{'es' if plan.passes > 1 else ''} of up to "
-            f"{plan.frames_per_pass}, about {plan.estimate_bytes / 2**30:.2f} GiB above the model")
+def _passes(p: PassPlan) -> str:
+    return f"{p.passes} pass{'es' if p.passes > 1 else ''} of up to {p.frames_per_pass}"
+
+
+def _above(p: PassPlan) -> str:
+    return f"about {p.estimate_bytes / 2**30:.2f} GiB above the model"
+
+
+def _decide(node: str, plan, requested: int, free: int | None, describe, fewer: str, unsplit: str | None = None) -> PassPlan:
+    """``plan(requested)`` where it fits, logged; else a refusal naming the estimate, the free
+    memory and the fix: ``unsplit`` where the run cannot be split, ``fewer`` where even the
+    smallest pass would not fit, else the largest pass size that fits."""
+    chosen, fits = plan(requested)
+    if fits:
+        log.info("%s: %s (frames_per_pass %s)", node, describe(chosen), requested or "auto")
+        return chosen
+    budget = f"{free / 2**30:.2f} GiB is free and a run may take {int(DEFAULT_SHARE * 100)}% of it"
+    if unsplit is not None:
+        raise StemError(f"{node}: {describe(chosen)} would not fit: {budget}. {unsplit}")
+    auto, auto_fits = plan(0)
+    if not auto_fits:
+        raise StemError(f"{node}: even {describe(auto)} would not fit: {budget}. {fewer}")
+    raise StemError(f"{node}: frames_per_pass {requested} means {describe(chosen)}, which would not fit: {budget}. "
+                    f"Set frames_per_pass to 0 (auto) or at most {auto.frames_per_pass}")
 
 
 def plan_run(model, latent: torch.Tensor, rows_per_frame: int, node: str) -> PassPlan:
     """The run's pass plan for ``latent`` ``[F, C, h, w]``, logged; refuses what cannot fit."""
     settings = attention_settings(model)
     frames, tokens = latent.shape[0], latent.shape[-2] * latent.shape[-1]
-    element = torch.tensor([], dtype=model.model.get_dtype()).element_size()
-    inflated = settings.get("attention") == "inflated" and settings.get("grouping") != "chunks of n frames"
+    element, inflated, profile, free = _element_size(model), _inflated(settings), memory_profile(model), _available(model)
     splits = _splits(settings)
-    requested = int(settings.get("frames_per_pass", 0)) if splits else frames
-    free = _available(model)
-
-    profile = memory_profile(model)
 
     def plan(n: int):
         return plan_passes(frames, tokens, free, n, rows_per_frame, element, inflated, profile=profile)
 
-    chosen, fits = plan(requested)
-    if fits:
-        log.info("%s: %s (frames_per_pass %s)", node, _describe(chosen), requested or "auto")
-        return chosen
-    budget = f"{free / 2**30:.2f} GiB is free and a run may take {int(DEFAULT_SHARE * 100)}% of it"
     fewer = "fewer frames (frame_load_cap, select_every_nth) or a smaller size on Load Video Frames"
-    if not splits:
-        raise StemError(f"{node}: {_describe(chosen)} would not fit: {budget}. Put STEM Attention Patch (any attention "
-                        f"mode) on the model, whose frames_per_pass runs the clip in passes, or use {fewer}")
-    auto, auto_fits = plan(0)
-    if not auto_fits:
-        raise StemError(f"{node}: even {_describe(auto)} would not fit: {budget}. Use {fewer}")
-    raise StemError(f"{node}: frames_per_pass {requested} means {_describe(chosen)}, which would not fit: {budget}. "
-                    f"Set frames_per_pass to 0 (auto) or at most {auto.frames_per_pass}")
+    unsplit = None if splits else (f"Put STEM Attention Patch (any attention mode) on the model, whose "
+                                   f"frames_per_pass runs the clip in passes, or use {fewer}")
+    return _decide(node, plan, int(settings.get("frames_per_pass", 0)) if splits else frames, free,
+                   lambda p: f"{p.frames} frames in {_passes(p)}, {_above(p)}", f"Use {fewer}", unsplit)
 
 
 def plan_edit(model, latent: torch.Tensor, keyframes: int, batch_size: int, branches: int, requested: int,
@@ -88,29 +104,16 @@ def plan_edit(model, latent: torch.Tensor, keyframes: int, batch_size: int, bran
     """A TokenFlow edit's plan: keyframes a pass (``requested``, 0 = the most that fit), its
     estimate (``stem.memory.tokenflow_estimate_bytes``), logged; refuses what cannot fit."""
     tokens = latent.shape[-2] * latent.shape[-1]
-    element = torch.tensor([], dtype=model.model.get_dtype()).element_size()
-    free = _available(model)
-
-    profile = memory_profile(model)
+    element, profile, free = _element_size(model), memory_profile(model), _available(model)
 
     def plan(n: int):
         return plan_tokenflow(keyframes, batch_size, tokens, free, n, branches, element, profile=profile)
 
-    def describe(p: PassPlan) -> str:
-        return (f"{keyframes} keyframes in {p.passes} pass{'es' if p.passes > 1 else ''} of up to {p.frames_per_pass} "
-                f"and propagation passes of {batch_size} frames, about {p.estimate_bytes / 2**30:.2f} GiB above the model")
-
-    chosen, fits = plan(requested)
-    if fits:
-        log.info("%s: %s (frames_per_pass %s)", node, describe(chosen), requested or "auto")
-        return chosen
-    budget = f"{free / 2**30:.2f} GiB is free and a run may take {int(DEFAULT_SHARE * 100)}% of it"
-    auto, auto_fits = plan(0)
-    if not auto_fits:
-        raise StemError(f"{node}: even {describe(auto)} would not fit: {budget}. Use a smaller batch_size (fewer frames "
-                        "a propagation pass), or fewer frames or a smaller size on Load Video Frames")
-    raise StemError(f"{node}: frames_per_pass {requested} means {describe(chosen)}, which would not fit: {budget}. "
-                    f"Set frames_per_pass to 0 (auto) or at most {auto.frames_per_pass}")
+    return _decide(node, plan, requested, free,
+                   lambda p: f"{keyframes} keyframes in {_passes(p)} and propagation passes of {batch_size} frames, "
+                             f"{_above(p)}",
+                   "Use a smaller batch_size (fewer frames a propagation pass), or fewer frames or a smaller size "
+                   "on Load Video Frames")
 
 
 def with_plan(model, plan: PassPlan):
@@ -128,8 +131,7 @@ def plan_for_call(settings: dict, x: torch.Tensor, transformer_options: dict) ->
         return int(n)
     chunks = len(transformer_options.get("cond_or_uncond") or [0])
     frames = x.shape[0] // chunks
-    inflated = settings.get("attention") == "inflated" and settings.get("grouping") != "chunks of n frames"
-    profile = SDXL if settings.get("memory_profile") == SDXL.name else SD1
+    profile = PROFILES.get(settings.get("memory_profile"), SD1)
     plan, _ = plan_passes(frames, x.shape[-2] * x.shape[-1], free_memory(x.device), int(settings.get("frames_per_pass", 0)),
-                          chunks, x.element_size(), inflated, profile=profile)
+                          chunks, x.element_size(), _inflated(settings), profile=profile)
     return plan.frames_per_pass

@@ -92,12 +92,6 @@ class PassContext:
     # extended attention meets, so that it spans the keyframes of every pass
     sync: Any = None
 
-    def fresh(self) -> "PassContext":
-        """The same pass, to be run again from the start."""
-        return PassContext(self.kind, self.batch, self.batch_size, self.keyframes, self.source_latent,
-                           self.inject_attention, self.inject_features, self.use_true_positions,
-                           self.keyframe_record)
-
 
 # The pass whose UNet call is running, with its cond_or_uncond layout: the feature module is a
 # plain nn.Module that no transformer_options reach, so the APPLY_MODEL wrapper sets this for

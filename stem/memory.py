@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-
 @dataclass(frozen=True)
 class Profile:
     """fp32 bytes per first-level token and batch row of one UNet family (module docstring)."""
@@ -59,6 +58,7 @@ SD1 = Profile("SD1.x/SD2.x", 110 * 2**20, 38_900, 11_500, 12_500, 2 * 320 * 4,
 # connections of about SD1.x's size, 1680 against 1620 values a token), not measured.
 SDXL = Profile("SDXL", 110 * 2**20, 32_000, 11_500, 13_000, 2 * 640 // 4 * 4, 10 * 640 // 4 + 60 * 1280 // 16,
                edit_active=89_900)
+PROFILES = {p.name: p for p in (SD1, SDXL)}
 # what a plan may take of the memory that is free: the rest is headroom for the host
 DEFAULT_SHARE = 0.8
 
