@@ -1,7 +1,11 @@
 """Free memory as the host counts it, and sizes for messages."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+from ..stem.memory import return_free_memory
 
 
 def free_memory(device: torch.device | str | None = None) -> int | None:
@@ -18,3 +22,14 @@ def free_memory(device: torch.device | str | None = None) -> int | None:
 
 def human_bytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+@contextlib.contextmanager
+def returning_memory():
+    """Around a node's long run: however it ends (done, cancelled, failed), the memory it freed
+    goes back to the system (``stem.memory.return_free_memory``), so the server's resident memory
+    is back at its level before the run."""
+    try:
+        yield
+    finally:
+        return_free_memory()

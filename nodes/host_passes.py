@@ -14,7 +14,9 @@ frames") the passes meet in the attention replacement with q, k, v instead
 (:func:`attention_meeting`). The UNet's forward, ComfyUI's classes and functions are left as
 they are: a wrapper and attention patches on the clone only.
 
-Cancel is checked at every layer meeting, so it stops a long step within one layer.
+Cancel is checked at every layer meeting, so it stops a long step within one layer. At every
+meeting the pages that the passes freed between the blocks they hold go back to the system
+(``stem.memory.return_free_memory``).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..stem.memory import return_free_memory
 from .host_model import attn1_modules, interrupted, site_key
 
 PASSES_KEY = "stem_passes"  # transformer_options entry of a pass: its LayerSync
@@ -92,6 +95,9 @@ class LayerSync:
                 del meeting, keys
                 for v in values:  # a resumed pass frees what it brought while the others still wait
                     v.payload = None
+                # what the passes freed since the last meeting, between the blocks they hold, goes
+                # back to the system (glibc keeps such pages: stem.memory.return_free_memory)
+                return_free_memory()
                 values = []
                 for i in range(len(gls)):
                     out, outs[i] = outs[i], None  # held by pass i alone from here

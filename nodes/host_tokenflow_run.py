@@ -29,6 +29,7 @@ from ..stem.tokenflow import batch_ranges, sample_keyframes
 from .host_base import StemError
 from .host_control_hints import frame_hints, interleaved_hints
 from .host_latents import inversion_conditioning
+from .host_memory import returning_memory
 from .host_model import PnPLayout, check_model, interrupted, model_family, pnp_layout
 from .host_passes import LayerSync
 from .host_plans import plan_edit
@@ -306,6 +307,7 @@ def tokenflow_edit(model, inv: Inversion, positive, negative, cfg=7.5, pnp_attn_
     g = tokenflow_guider(m, plan, inv, source_cond, positive, negative, cfg, seed, bar, trace,
                          trace.plan.frames_per_pass)
     start = inv.latent_at(ts[0]).clone()  # the inversion's latent at the edit's first level
-    out = g.sample(torch.zeros_like(start), start, ddim_sampler(), torch.tensor(levels, dtype=torch.float32),
-                   callback=bar.step_callback if bar is not None else None, disable_pbar=True, seed=seed)
+    with returning_memory():
+        out = g.sample(torch.zeros_like(start), start, ddim_sampler(), torch.tensor(levels, dtype=torch.float32),
+                       callback=bar.step_callback if bar is not None else None, disable_pbar=True, seed=seed)
     return out, trace

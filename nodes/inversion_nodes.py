@@ -9,6 +9,7 @@ from ..stem.cost import measure
 from ..stem.inversion import Inversion
 from .host_base import CATEGORY
 from .host_latents import inversion_conditioning, latent_frames, single_cond
+from .host_memory import returning_memory
 from .host_model import check_model, model_family, model_schedule
 from .host_plans import plan_run, with_plan
 from .host_sampling import ddim_sampler, inversion_sampler, preview_callback
@@ -41,7 +42,7 @@ def invert(model, samples: torch.Tensor, conditioning, steps: int) -> Inversion:
         trajectory.append(base.process_latent_out(x.float()).cpu())
 
     g = _guider(model, conditioning)
-    with measure(model.load_device) as cost:
+    with returning_memory(), measure(model.load_device) as cost:
         g.sample(
             torch.zeros_like(samples), samples, inversion_sampler(record),
             torch.tensor(sched.inversion_sigmas, dtype=torch.float32),
@@ -72,10 +73,11 @@ def reconstruct(model, inv: Inversion, conditioning=None) -> torch.Tensor:
     start = inv.noisiest.clone()
     model = with_plan(model, plan_run(model, start, 1, "STEM Reconstruct"))
     g = _guider(model, conditioning)
-    return g.sample(
-        torch.zeros_like(start), start, ddim_sampler(), torch.tensor(levels, dtype=torch.float32),
-        callback=preview_callback(model, inv.steps), disable_pbar=True, seed=0,
-    )
+    with returning_memory():
+        return g.sample(
+            torch.zeros_like(start), start, ddim_sampler(), torch.tensor(levels, dtype=torch.float32),
+            callback=preview_callback(model, inv.steps), disable_pbar=True, seed=0,
+        )
 
 
 class STEMInvert:

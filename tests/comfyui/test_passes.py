@@ -22,7 +22,7 @@ def sd(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
         model=r.get_node_output("1")[0], latent=r.get_node_output("3")[0]["samples"], source=r.get_node_output("4")[0],
         negative=r.get_node_output("5")[0], node=mod("nodes.attention_patch").STEMAttentionPatch(),
         inv=mod("nodes.inversion_nodes"), plans=mod("nodes.host_plans"), passes=mod("nodes.host_passes"),
-        tf=mod("nodes.host_tokenflow_run"), patch=mod("nodes.attention_patch"),
+        tf=mod("nodes.host_tokenflow_run"), patch=mod("nodes.attention_patch"), memory=mod("nodes.host_memory"),
     )
 
 
@@ -124,12 +124,16 @@ def test_cancel_stops_inside_a_step_at_the_next_layer(sd, monkeypatch):
         return n
 
     model.set_model_attn1_output_patch(press_cancel_on_the_third_layer)
+    returned = []  # where freed memory went back to the system: each meeting, and the run's end
+    for module, name in ((sd.passes, "meeting"), (sd.memory, "end")):
+        monkeypatch.setattr(module, "return_free_memory", lambda name=name: returned.append((name, len(calls))))
     try:
         with pytest.raises(mm.InterruptProcessingException):
             sd.inv.invert(model, sd.latent, sd.source, 4)
     finally:
         mm.interrupt_current_processing(False)
     assert len(calls) == 9  # 3 layers x 3 passes of the first step's call, of 4 x 16 x 3
+    assert returned == [("meeting", 0), ("meeting", 3), ("meeting", 6), ("end", 9)]
 
 
 def test_stem_passes_meet_before_the_projections(sd, monkeypatch):
