@@ -71,11 +71,8 @@ def test_sdxl_has_its_own_profile():
 # that it keeps, as a computing pass frees its activations between the blocks of waiting passes.
 _INTERLEAVED = r"""
 import json, torch
+from stem.cost import resident_bytes as resident
 from stem.memory import return_free_memory
-
-def resident():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 big = torch.ones(6 * 2**20)  # a freed 24 MiB block: glibc's threshold rises to it, as in any torch process
 del big
