@@ -5,6 +5,12 @@ estimate the nodes make before the run (stem.memory).
     COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python benchmarks/bench_long_clips.py --frames 8 16 32 --size 256
     ... --frames 64 128 --size 256 --passes 8            # only passes of 8
     ... --mode inflated --frames 16 32
+    ... --time-pairs 32 256 8 3                          # time only: one pass and passes, alternating
+
+Time is noisy on a shared machine (+-15% between runs of one cell). ``--time-pairs F SIZE N R``
+times one step of F frames in one pass and in passes of N, R times each, alternating (and
+swapping which goes first) in one process on one encoded latent, so that drift of the machine
+falls on both alike; it prints every run, the medians and their ratio.
 
 Each cell is one process: the checkpoint loads, a 1-frame inversion warms up, then the measured
 1-step inversion of the clip. Peak memory is the process's peak resident memory over the
@@ -49,6 +55,42 @@ def one(frames: int, size: int, frames_per_pass: int, mode: str) -> dict:
     s = inv.settings
     return {"frames": frames, "size": size, "mode": mode, "frames_per_pass": s["frames_per_pass"], "passes": s["passes"],
             "seconds": s["seconds"], "peak_mib": s["peak_mib"], "estimate_mib": s["memory_estimate_mib"]}
+
+
+def time_pairs(frames: int, size: int, frames_per_pass: int, repeats: int, mode: str) -> dict:
+    sys.path.insert(0, str(REPO / "tests" / "comfyui"))
+    import statistics
+
+    import comfy_harness as H
+    import torch
+
+    pack, model, clip, vae = H.benchmark_session(REPO, "stem-pairs-")
+    inv_nodes = H.pack_submodule(pack, "nodes.inversion_nodes")
+    patch = H.pack_submodule(pack, "nodes.attention_patch")
+    import nodes
+
+    source = nodes.CLIPTextEncode().encode(clip, "a red disc and a yellow square moving")[0]
+    frames_px = torch.from_numpy(H.synth_frames(frames, size, size)).float() / 255.0
+    times: dict[int, list[float]] = {frames: [], frames_per_pass: []}
+    with torch.inference_mode():
+        latent = nodes.VAEEncode().encode(vae, frames_px)[0]["samples"]
+        del frames_px
+        models = {n: patch.apply_attention_patch(model, dict(patch.DEFAULT_SETTINGS, attention=mode, frames_per_pass=n))
+                  for n in times}
+        for m in models.values():
+            inv_nodes.invert(m, latent[:1], source, 1)  # warm-up
+        for r in range(repeats):
+            order = list(times) if r % 2 == 0 else list(times)[::-1]
+            for n in order:
+                inv = inv_nodes.invert(models[n], latent, source, 1)
+                assert inv.settings["passes"] == -(-frames // n), inv.settings
+                times[n].append(inv.settings["seconds"])
+                print(f"run {r + 1}: {inv.settings['passes']} pass(es) of {n}: {inv.settings['seconds']:.1f} s",
+                      file=sys.stderr, flush=True)
+    one, passes = statistics.median(times[frames]), statistics.median(times[frames_per_pass])
+    return {"frames": frames, "size": size, "mode": mode, "frames_per_pass": frames_per_pass,
+            "one_pass_s": times[frames], "passes_s": times[frames_per_pass],
+            "median_one_pass_s": one, "median_passes_s": passes, "passes_over_one_pass": round(passes / one, 3)}
 
 
 def e2e(frames: int, size: int, frames_per_pass: int, keyframes_per_pass: int, batch_size: int) -> dict:
@@ -105,12 +147,17 @@ def main() -> None:
     ap.add_argument("--mode", default="stem", choices=["stem", "inflated", "per-frame"])
     ap.add_argument("--one", nargs=3, type=int, metavar=("FRAMES", "SIZE", "FRAMES_PER_PASS"), help=argparse.SUPPRESS)
     ap.add_argument("--e2e", type=int, metavar="FRAMES", help="load, invert and edit a generated clip of FRAMES frames")
+    ap.add_argument("--time-pairs", nargs=4, type=int, metavar=("FRAMES", "SIZE", "FRAMES_PER_PASS", "REPEATS"),
+                    help="time one pass against passes, alternating in one process")
     ap.add_argument("--keyframes-per-pass", type=int, default=4, help="TokenFlow Edit's frames_per_pass in --e2e")
     ap.add_argument("--batch-size", type=int, default=8, help="TokenFlow Edit's batch_size in --e2e")
     args = ap.parse_args()
     if args.e2e:
         n = args.passes[-1] if args.passes else 8
         print(json.dumps(e2e(args.e2e, args.size, n, args.keyframes_per_pass, args.batch_size)))
+        return
+    if args.time_pairs:
+        print(json.dumps(time_pairs(*args.time_pairs, args.mode)))
         return
     if args.one:
         print(json.dumps(one(*args.one, args.mode)))
