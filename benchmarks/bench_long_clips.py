@@ -33,21 +33,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def one(frames: int, size: int, frames_per_pass: int, mode: str) -> dict:
+def _clip_session(prefix: str, frames: int, size: int):
+    """ComfyUI with the random checkpoint and this pack loaded, and a generated clip of
+    ``frames`` frames encoded: (pack, model, inversion nodes, patch module, source cond, latent)."""
     sys.path.insert(0, str(REPO / "tests" / "comfyui"))
     import comfy_harness as H
     import torch
 
-    pack, model, clip, vae = H.benchmark_session(REPO, "stem-long-")
-    inv_nodes = H.pack_submodule(pack, "nodes.inversion_nodes")
-    patch = H.pack_submodule(pack, "nodes.attention_patch")
+    pack, model, clip, vae = H.benchmark_session(REPO, prefix)
     import nodes
 
     source = nodes.CLIPTextEncode().encode(clip, "a red disc and a yellow square moving")[0]
-    frames_px = torch.from_numpy(H.synth_frames(frames, size, size)).float() / 255.0
     with torch.inference_mode():
+        frames_px = torch.from_numpy(H.synth_frames(frames, size, size)).float() / 255.0
         latent = nodes.VAEEncode().encode(vae, frames_px)[0]["samples"]
-        del frames_px
+    return (pack, model, H.pack_submodule(pack, "nodes.inversion_nodes"), H.pack_submodule(pack, "nodes.attention_patch"),
+            source, latent)
+
+
+def one(frames: int, size: int, frames_per_pass: int, mode: str) -> dict:
+    import torch
+
+    pack, model, inv_nodes, patch, source, latent = _clip_session("stem-long-", frames, size)
+    with torch.inference_mode():
         settings = dict(patch.DEFAULT_SETTINGS, attention=mode, frames_per_pass=frames_per_pass)
         m = patch.apply_attention_patch(model, settings)
         inv_nodes.invert(m, latent[:1], source, 1)  # warm-up: model load, first-call costs
@@ -58,23 +66,15 @@ def one(frames: int, size: int, frames_per_pass: int, mode: str) -> dict:
 
 
 def time_pairs(frames: int, size: int, frames_per_pass: int, repeats: int, mode: str) -> dict:
-    sys.path.insert(0, str(REPO / "tests" / "comfyui"))
     import statistics
 
-    import comfy_harness as H
     import torch
 
-    pack, model, clip, vae = H.benchmark_session(REPO, "stem-pairs-")
-    inv_nodes = H.pack_submodule(pack, "nodes.inversion_nodes")
-    patch = H.pack_submodule(pack, "nodes.attention_patch")
-    import nodes
-
-    source = nodes.CLIPTextEncode().encode(clip, "a red disc and a yellow square moving")[0]
-    frames_px = torch.from_numpy(H.synth_frames(frames, size, size)).float() / 255.0
+    if not 0 < frames_per_pass < frames:
+        sys.exit(f"--time-pairs: FRAMES_PER_PASS must be between 1 and FRAMES - 1, got {frames_per_pass}")
+    pack, model, inv_nodes, patch, source, latent = _clip_session("stem-pairs-", frames, size)
     times: dict[int, list[float]] = {frames: [], frames_per_pass: []}
     with torch.inference_mode():
-        latent = nodes.VAEEncode().encode(vae, frames_px)[0]["samples"]
-        del frames_px
         models = {n: patch.apply_attention_patch(model, dict(patch.DEFAULT_SETTINGS, attention=mode, frames_per_pass=n))
                   for n in times}
         for m in models.values():
