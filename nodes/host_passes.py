@@ -14,9 +14,10 @@ frames") the passes meet in the attention replacement with q, k, v instead
 (:func:`attention_meeting`). The UNet's forward, ComfyUI's classes and functions are left as
 they are: a wrapper and attention patches on the clone only.
 
-Cancel is checked at every layer meeting, so it stops a long step within one layer. At every
-meeting the pages that the passes freed between the blocks they hold go back to the system
-(``stem.memory.return_free_memory``).
+Cancel is checked at every layer meeting, so it stops a long step within one layer. At a meeting
+where the process's resident memory has grown by ``stem.memory.HAND_BACK_GROWTH`` since the last
+time, the pages that the passes freed between the blocks they hold go back to the system
+(``stem.memory.return_free_memory``, :class:`stem.memory.HandBack`).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..stem.memory import return_free_memory
+from ..stem import memory as stem_memory
+from ..stem.memory import HandBack, return_free_memory
 from .host_model import attn1_modules, interrupted, site_key
 
 PASSES_KEY = "stem_passes"  # transformer_options entry of a pass: its LayerSync
@@ -80,6 +82,7 @@ class LayerSync:
                 entering(i)
             return gls[i].switch(*value)
 
+        hand_back = HandBack(stem_memory.HAND_BACK_GROWTH)
         try:
             values = [resume(i) for i in range(len(gls))]
             while True:
@@ -95,9 +98,11 @@ class LayerSync:
                 del meeting, keys
                 for v in values:  # a resumed pass frees what it brought while the others still wait
                     v.payload = None
-                # what the passes freed since the last meeting, between the blocks they hold, goes
-                # back to the system (glibc keeps such pages: stem.memory.return_free_memory)
-                return_free_memory()
+                # what the passes freed between the blocks they hold goes back to the system once
+                # it adds up (glibc keeps such pages: stem.memory.return_free_memory, HandBack)
+                if hand_back.due():
+                    return_free_memory()
+                    hand_back.done()
                 values = []
                 for i in range(len(gls)):
                     out, outs[i] = outs[i], None  # held by pass i alone from here

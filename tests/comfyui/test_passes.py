@@ -109,10 +109,15 @@ def test_the_run_plan_is_logged_recorded_and_refused_when_nothing_fits(sd, monke
         sd.inv.invert(sd.model, sd.latent, sd.source, 1)  # no patch: no passes
 
 
-def test_cancel_stops_inside_a_step_at_the_next_layer(sd, monkeypatch):
+@pytest.mark.parametrize("growth, meetings", [(0, [0, 3, 6]), (2**40, [])], ids=["every-meeting", "on-growth"])
+def test_cancel_stops_inside_a_step_at_the_next_layer(sd, monkeypatch, growth, meetings):
     """Cancel is checked where the passes meet: a press during a UNet call stops it at the next
-    self-attention, not at the end of the step."""
+    self-attention, not at the end of the step. Freed memory goes back to the system at a meeting
+    once the resident memory has grown by HAND_BACK_GROWTH (0: at every meeting; 1 TiB: at none,
+    only at the run's end)."""
     import comfy.model_management as mm
+
+    monkeypatch.setattr(sd.passes.stem_memory, "HAND_BACK_GROWTH", growth)
 
     model = patched(sd, "stem", 3)
     calls = []
@@ -133,7 +138,7 @@ def test_cancel_stops_inside_a_step_at_the_next_layer(sd, monkeypatch):
     finally:
         mm.interrupt_current_processing(False)
     assert len(calls) == 9  # 3 layers x 3 passes of the first step's call, of 4 x 16 x 3
-    assert returned == [("meeting", 0), ("meeting", 3), ("meeting", 6), ("end", 9)]
+    assert returned == [("meeting", n) for n in meetings] + [("end", 9)]
 
 
 def test_stem_passes_meet_before_the_projections(sd, monkeypatch):

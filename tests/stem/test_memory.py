@@ -114,3 +114,31 @@ def test_returning_free_memory_says_whether_it_could():
     from stem.memory import _glibc, return_free_memory
 
     assert return_free_memory() is (_glibc() is not None)
+
+
+def test_hand_back_is_due_once_resident_memory_grew_by_its_growth():
+    """Passes hand freed pages back at a meeting only after the resident memory grew by
+    ``growth`` since the last hand-back (each hand-back costs page faults when the pages are used
+    again); growth 0 hands back at every meeting."""
+    from stem.memory import HAND_BACK_GROWTH, HandBack
+
+    MiB = 2**20
+    rss = [500 * MiB]
+
+    def meetings(hb, resident_mib):
+        due = []
+        for now in resident_mib:
+            rss[0] = now * MiB
+            due.append(hb.due())
+            if due[-1]:
+                rss[0] -= 200 * MiB  # what the hand-back returned
+                hb.done()
+        return due
+
+    hb = HandBack(64 * MiB, resident=lambda: rss[0])
+    assert HAND_BACK_GROWTH == 64 * MiB and hb.growth == HAND_BACK_GROWTH
+    # counted from 500 at the start: due at 564; from 364 after it: due at 428; from 228: a drop
+    # to 100 is not growth, 291 is 63 MiB above the mark, 292 is due
+    assert meetings(hb, [520, 563, 564, 420, 428, 100, 291, 292]) == [False, False, True, False, True, False, False, True]
+    rss[0] = 500 * MiB
+    assert meetings(HandBack(0, resident=lambda: rss[0]), [500, 400, 300]) == [True] * 3
