@@ -33,10 +33,10 @@ The run ends with the project's targets and whether this run met them.
 
 Run from the pack's folder (a full CPU run takes about 6-8 minutes on 2 cores)::
 
-    .venv/bin/python benchmarks/bench_attention.py              # F = 4, 8, 16 and F = 120 EM
-    .venv/bin/python benchmarks/bench_attention.py --quick      # smoke run: F = 2, N = 1024
-    .venv/bin/python benchmarks/bench_attention.py --frames 4 8 --max-full-frames 8 --skip-f120
-    .venv/bin/python benchmarks/bench_attention.py --device cuda
+    .venv/bin/python -m benchmarks.bench_attention              # F = 4, 8, 16 and F = 120 EM
+    .venv/bin/python -m benchmarks.bench_attention --quick      # smoke run: F = 2, N = 1024
+    .venv/bin/python -m benchmarks.bench_attention --frames 4 8 --max-full-frames 8 --skip-f120
+    .venv/bin/python -m benchmarks.bench_attention --device cuda
 """
 from __future__ import annotations
 
@@ -55,11 +55,8 @@ from pathlib import Path
 
 import torch
 
-# Importable without PYTHONPATH, also in the spawned workers (they re-run this module's top level).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stem.attention import full_attention, stem_attention  # noqa: E402
-from stem.em import DEFAULT_EM_ITERS, DEFAULT_NUM_BASES, DEFAULT_TAU, auto_chunk_size, em_bases, init_bases  # noqa: E402
+from stem.attention import full_attention, stem_attention
+from stem.em import DEFAULT_EM_ITERS, DEFAULT_NUM_BASES, DEFAULT_TAU, EMParams, auto_chunk_size, em_bases, init_bases
 
 
 def per_frame_attention(q, k, v, heads):
@@ -146,13 +143,11 @@ def check_reference_matches_ours(seed: int) -> float:
     q, k, v = (torch.randn(frames, tokens, heads * d, generator=g) for _ in range(3))
     # (c)'s initial bases: the same draw stem_attention makes from a generator with this seed.
     keys = k.view(frames, tokens, heads, d).permute(2, 0, 1, 3).reshape(1, heads, frames * tokens, d)
-    init = init_bases(keys, num_bases, torch.Generator().manual_seed(seed + 1))[0]
+    init = init_bases(keys, EMParams(num_bases).seeded(seed + 1))[0]
     expected = reference_stem_attention(q.double(), k.double(), v.double(), heads, num_bases, init=init.double())
     worst = 0.0
     for chunk in (None, 40):
-        ours = stem_attention(
-            q, k, v, heads, num_bases=num_bases, generator=torch.Generator().manual_seed(seed + 1), chunk_size=chunk
-        )
+        ours = stem_attention(q, k, v, heads, em=EMParams(num_bases, chunk_size=chunk).seeded(seed + 1))
         torch.testing.assert_close(ours.double(), expected, rtol=1e-3, atol=1e-4)
         worst = max(worst, (ours.double() - expected).abs().max().item())
     # the timed form, with its own torch.normal draw, runs and keeps the shape
@@ -263,9 +258,7 @@ def _attention_fn(method: str, num_bases: int, iters: int, seed: int):
         return lambda q, k, v: full_attention(q, k, v, HEADS, num_chunks=1)
     if method == "c":
         # a fresh seeded generator per call: every call draws the same bases, as in the pack
-        return lambda q, k, v: stem_attention(
-            q, k, v, HEADS, num_bases=num_bases, iters=iters, generator=torch.Generator().manual_seed(seed)
-        )
+        return lambda q, k, v: stem_attention(q, k, v, HEADS, em=EMParams(num_bases, iters).seeded(seed))
     if method == "d":
         return lambda q, k, v: reference_stem_attention(q, k, v, HEADS, num_bases, iters)
     raise ValueError(method)
@@ -317,7 +310,7 @@ def run_case(spec: dict) -> dict:
         keys, values = (torch.randn(1, HEADS, frames * tokens, d, generator=g).to(device) for _ in range(2))
 
         def em(x: torch.Tensor, y: torch.Tensor):
-            return em_bases(x, y, num_bases, iters, generator=torch.Generator().manual_seed(spec["seed"]))
+            return em_bases(x, y, EMParams(num_bases, iters).seeded(spec["seed"]))
 
         with torch.no_grad():
             em(keys[..., :512, :], values[..., :512, :])  # load kernels and thread pools first

@@ -5,8 +5,8 @@ the table gives the time of an inversion step, the peak memory of the inversion 
 the CPU, allocated memory on CUDA) and the PSNR of the decoded reconstruction against the source
 frames. With random weights the PSNR is a plumbing check, not the paper's quality figure.
 
-    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python benchmarks/bench_inversion_modes.py --quick
-    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python benchmarks/bench_inversion_modes.py --sizes 8x256 8x512 --steps 1
+    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python -m benchmarks.bench_inversion_modes --quick
+    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python -m benchmarks.bench_inversion_modes --sizes 8x256 8x512 --steps 1
     ... --memory-frames 8 16 32 --memory-size 128      # how memory grows with frames, inflated vs stem
     ... --sizes 8x512 --steps 1 --modes per-frame stem  # the 512x512 target without the slow inflated run
     ... --comfy-attention pytorch   # per-frame on SDPA, ComfyUI's choice on NVIDIA (sub_quad on a CPU)
@@ -14,14 +14,13 @@ frames. With random weights the PSNR is a plumbing check, not the paper's qualit
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
+from testbed import clips, comfyui
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "comfyui"))
-import comfy_harness as H  # noqa: E402
 
 MODES = ("per-frame", "inflated", "stem")
 
@@ -41,10 +40,10 @@ def main() -> None:
     args = ap.parse_args()
     sizes = ["8x64"] if args.quick else args.sizes
 
-    pack, model, clip, vae = H.benchmark_session(REPO, "stem-bench-")
-    inv_nodes = H.pack_submodule(pack, "nodes.inversion_nodes")
-    patch = H.pack_submodule(pack, "nodes.attention_patch")
-    metrics = H.pack_submodule(pack, "stem.metrics")
+    pack, model, clip, vae = comfyui.session(REPO, "stem-bench-")
+    inv_run = comfyui.pack_submodule(pack, "nodes.host.inversion_run")
+    patch = pack.NODE_CLASS_MAPPINGS["STEMAttentionPatch"]()
+    metrics = comfyui.pack_submodule(pack, "stem.metrics")
     import comfy.ldm.modules.attention as comfy_attention
     import nodes
     if args.comfy_attention != "default":  # CrossAttention looks these up at every call
@@ -53,27 +52,27 @@ def main() -> None:
     attention_name = comfy_attention.optimized_attention.__name__
     source = nodes.CLIPTextEncode().encode(clip, "a red disc and a yellow square moving")[0]
 
-    def patched(mode: str):
-        return patch.apply_attention_patch(model, dict(patch.DEFAULT_SETTINGS, attention=mode))
+    def patched(mode: str):  # STEM Attention Patch's defaults
+        return patch.patch(model, mode, 256, 5, 0.01, 1, "whole clip", 8)[0]
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.steps} inversion steps a run; "
           f"ComfyUI's own attention: {attention_name}\n")
     print("| clip | mode | inversion s/step | peak MiB | reconstruction PSNR (dB) |")
     print("|---|---|---:|---:|---:|")
     with torch.inference_mode():
-        inv_nodes.invert(model, torch.zeros(1, 4, 8, 8), source, 1)  # warm-up: model load
+        inv_run.invert(model, torch.zeros(1, 4, 8, 8), source, 1)  # warm-up: model load
         for case in sizes:
             F, size = (int(v) for v in case.split("x"))
-            frames = torch.from_numpy(H.synth_frames(F, size, size)).float() / 255.0
+            frames = torch.from_numpy(clips.synth_frames(F, size, size)).float() / 255.0
             latent = nodes.VAEEncode().encode(vae, frames)[0]["samples"]
             for mode in args.modes:
                 m = patched(mode)
                 try:
-                    inv = inv_nodes.invert(m, latent, source, args.steps)
+                    inv = inv_run.invert(m, latent, source, args.steps)
                 except ValueError as e:  # inflated refuses what would not fit
                     print(f"| {F} frames {size}x{size} | {mode} | refused: {e} | | |", flush=True)
                     continue
-                rec = inv_nodes.reconstruct(m, inv)
+                rec, _ = inv_run.reconstruct(m, inv)
                 decoded = nodes.VAEDecode().decode(vae, {"samples": rec})[0]
                 p = metrics.psnr(decoded.float(), frames).mean().item()
                 print(f"| {F} frames {size}x{size} | {mode} | {inv.settings['seconds'] / args.steps:.2f} | "
@@ -83,12 +82,12 @@ def main() -> None:
             print("| frames | " + " | ".join(args.modes) + " |")
             print("|---|" + "---:|" * len(args.modes))
             for F in args.memory_frames:
-                frames = torch.from_numpy(H.synth_frames(F, args.memory_size, args.memory_size)).float() / 255.0
+                frames = torch.from_numpy(clips.synth_frames(F, args.memory_size, args.memory_size)).float() / 255.0
                 latent = nodes.VAEEncode().encode(vae, frames)[0]["samples"]
                 cells = []
                 for mode in args.modes:
                     try:
-                        cells.append(f"{inv_nodes.invert(patched(mode), latent, source, 1).settings['peak_mib']:.0f}")
+                        cells.append(f"{inv_run.invert(patched(mode), latent, source, 1).settings['peak_mib']:.0f}")
                     except ValueError:
                         cells.append("refused")
                 print(f"| {F} | " + " | ".join(cells) + " |", flush=True)

@@ -1,8 +1,8 @@
-"""Clips in passes (issue 10): one inversion step over F frames in one pass and in passes of n,
+"""Clips in passes: one inversion step over F frames in one pass and in passes of n,
 each run in a fresh process, with its peak memory above the loaded model, its time, and the
 estimate the nodes make before the run (stem.memory).
 
-    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python benchmarks/bench_long_clips.py --frames 8 16 32 --size 256
+    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python -m benchmarks.bench_long_clips --frames 8 16 32 --size 256
     ... --frames 64 128 --size 256 --passes 8            # only passes of 8
     ... --mode inflated --frames 16 32
     ... --time-pairs 32 256 8 3                          # time only: one pass and passes, alternating
@@ -16,10 +16,10 @@ Each cell is one process: the checkpoint loads, a 1-frame inversion warms up, th
 1-step inversion of the clip. Peak memory is the process's peak resident memory over the
 inversion minus what it held before (stem.cost), on the CPU in fp32.
 
-End to end (issue 10): a generated clip written as an mp4, loaded by Load Video Frames, encoded,
+End to end: a generated clip written as an mp4, loaded by Load Video Frames, encoded,
 inverted with STEM in passes and edited with TokenFlow in keyframe passes, one step each:
 
-    ... benchmarks/bench_long_clips.py --e2e 240 --size 256 --passes 8 --keyframes-per-pass 4
+    ... -m benchmarks.bench_long_clips --e2e 240 --size 256 --passes 8 --keyframes-per-pass 4
 """
 from __future__ import annotations
 
@@ -30,36 +30,40 @@ import subprocess
 import sys
 from pathlib import Path
 
+from testbed import clips, comfyui
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _clip_session(prefix: str, frames: int, size: int):
     """ComfyUI with the random checkpoint and this pack loaded, and a generated clip of
-    ``frames`` frames encoded: (pack, model, inversion nodes, patch module, source cond, latent)."""
-    sys.path.insert(0, str(REPO / "tests" / "comfyui"))
-    import comfy_harness as H
+    ``frames`` frames encoded: (pack, inversion run module, patched(mode, frames_per_pass), source
+    cond, latent)."""
     import torch
 
-    pack, model, clip, vae = H.benchmark_session(REPO, prefix)
+    pack, model, clip, vae = comfyui.session(REPO, prefix)
     import nodes
 
     source = nodes.CLIPTextEncode().encode(clip, "a red disc and a yellow square moving")[0]
     with torch.inference_mode():
-        frames_px = torch.from_numpy(H.synth_frames(frames, size, size)).float() / 255.0
+        frames_px = torch.from_numpy(clips.synth_frames(frames, size, size)).float() / 255.0
         latent = nodes.VAEEncode().encode(vae, frames_px)[0]["samples"]
-    return (pack, model, H.pack_submodule(pack, "nodes.inversion_nodes"), H.pack_submodule(pack, "nodes.attention_patch"),
-            source, latent)
+    patch = pack.NODE_CLASS_MAPPINGS["STEMAttentionPatch"]()
+
+    def patched(mode: str, frames_per_pass: int):  # STEM Attention Patch's defaults otherwise
+        return patch.patch(model, mode, 256, 5, 0.01, 1, "whole clip", 8, frames_per_pass)[0]
+
+    return pack, comfyui.pack_submodule(pack, "nodes.host.inversion_run"), patched, source, latent
 
 
 def one(frames: int, size: int, frames_per_pass: int, mode: str) -> dict:
     import torch
 
-    pack, model, inv_nodes, patch, source, latent = _clip_session("stem-long-", frames, size)
+    pack, inv_run, patched, source, latent = _clip_session("stem-long-", frames, size)
     with torch.inference_mode():
-        settings = dict(patch.DEFAULT_SETTINGS, attention=mode, frames_per_pass=frames_per_pass)
-        m = patch.apply_attention_patch(model, settings)
-        inv_nodes.invert(m, latent[:1], source, 1)  # warm-up: model load, first-call costs
-        inv = inv_nodes.invert(m, latent, source, 1)
+        m = patched(mode, frames_per_pass)
+        inv_run.invert(m, latent[:1], source, 1)  # warm-up: model load, first-call costs
+        inv = inv_run.invert(m, latent, source, 1)
     s = inv.settings
     return {"frames": frames, "size": size, "mode": mode, "frames_per_pass": s["frames_per_pass"], "passes": s["passes"],
             "seconds": s["seconds"], "peak_mib": s["peak_mib"], "estimate_mib": s["memory_estimate_mib"]}
@@ -72,17 +76,16 @@ def time_pairs(frames: int, size: int, frames_per_pass: int, repeats: int, mode:
 
     if not 0 < frames_per_pass < frames:
         sys.exit(f"--time-pairs: FRAMES_PER_PASS must be between 1 and FRAMES - 1, got {frames_per_pass}")
-    pack, model, inv_nodes, patch, source, latent = _clip_session("stem-pairs-", frames, size)
+    pack, inv_run, patched, source, latent = _clip_session("stem-pairs-", frames, size)
     times: dict[int, list[float]] = {frames: [], frames_per_pass: []}
     with torch.inference_mode():
-        models = {n: patch.apply_attention_patch(model, dict(patch.DEFAULT_SETTINGS, attention=mode, frames_per_pass=n))
-                  for n in times}
+        models = {n: patched(mode, n) for n in times}
         for m in models.values():
-            inv_nodes.invert(m, latent[:1], source, 1)  # warm-up
+            inv_run.invert(m, latent[:1], source, 1)  # warm-up
         for r in range(repeats):
             order = list(times) if r % 2 == 0 else list(times)[::-1]
             for n in order:
-                inv = inv_nodes.invert(models[n], latent, source, 1)
+                inv = inv_run.invert(models[n], latent, source, 1)
                 assert inv.settings["passes"] == -(-frames // n), inv.settings
                 times[n].append(inv.settings["seconds"])
                 print(f"run {r + 1}: {inv.settings['passes']} pass(es) of {n}: {inv.settings['seconds']:.1f} s",
@@ -94,21 +97,19 @@ def time_pairs(frames: int, size: int, frames_per_pass: int, repeats: int, mode:
 
 
 def e2e(frames: int, size: int, frames_per_pass: int, keyframes_per_pass: int, batch_size: int) -> dict:
-    sys.path.insert(0, str(REPO / "tests" / "comfyui"))
-    import comfy_harness as H
     import torch
 
-    pack, model, clip, vae = H.benchmark_session(REPO, "stem-e2e-")
+    pack, model, clip, vae = comfyui.session(REPO, "stem-e2e-")
     import folder_paths
     import nodes
 
-    cost = H.pack_submodule(pack, "stem.cost")
+    cost = comfyui.pack_submodule(pack, "stem.cost")
     measure, resident_bytes = cost.measure, cost.resident_bytes
-    H.write_video_clip(Path(folder_paths.get_input_directory()) / "long_clip.mp4", frames, size, size)
-    loader = H.pack_submodule(pack, "nodes.video_nodes").LoadVideoFrames()
-    inv_nodes = H.pack_submodule(pack, "nodes.inversion_nodes")
-    patch = H.pack_submodule(pack, "nodes.attention_patch")
-    tf = H.pack_submodule(pack, "nodes.host_tokenflow_run")
+    clips.write_video_clip(Path(folder_paths.get_input_directory()) / "long_clip.mp4", frames, size, size)
+    loader = pack.NODE_CLASS_MAPPINGS["STEMLoadVideoFrames"]()
+    patch = pack.NODE_CLASS_MAPPINGS["STEMAttentionPatch"]()
+    inv_run = comfyui.pack_submodule(pack, "nodes.host.inversion_run")
+    tf = comfyui.pack_submodule(pack, "nodes.host.tokenflow_run")
     source = nodes.CLIPTextEncode().encode(clip, "a red disc and a yellow square moving")[0]
     target = nodes.CLIPTextEncode().encode(clip, "a blue ball and a green box moving")[0]
     negative = nodes.CLIPTextEncode().encode(clip, "ugly, blurry, low res")[0]
@@ -122,17 +123,17 @@ def e2e(frames: int, size: int, frames_per_pass: int, keyframes_per_pass: int, b
             latent = nodes.VAEEncode().encode(vae, images)[0]["samples"]
             del images
         out["encode_s"] = round(c.seconds, 1)
-        m = patch.apply_attention_patch(model, dict(patch.DEFAULT_SETTINGS, frames_per_pass=frames_per_pass))
-        inv = inv_nodes.invert(m, latent, source, 1)
+        m = patch.patch(model, "stem", 256, 5, 0.01, 1, "whole clip", 8, frames_per_pass)[0]
+        inv = inv_run.invert(m, latent, source, 1)
         s = inv.settings
         out.update(inversion_s=s["seconds"], inversion_peak_mib=s["peak_mib"], inversion_estimate_mib=s["memory_estimate_mib"],
                    inversion_passes=s["passes"], inversion_fp32_mib=round(inv.latents.numel() * 4 / 2**20, 1),
                    inversion_fp16_mib=round(inv.latents.numel() * 2 / 2**20, 1))
         with measure() as c:
-            edited, trace = tf.tokenflow_edit(model, inv, target, negative, cfg=7.5, batch_size=batch_size, steps=1,
-                                              frames_per_pass=keyframes_per_pass, progress=False)
+            settings = tf.TokenFlowSettings(cfg=7.5, batch_size=batch_size, steps=1, keyframes_per_pass=keyframes_per_pass)
+            edited, trace = tf.tokenflow_edit(model, inv, target, negative, settings, progress=False)
         out.update(edit_s=round(c.seconds, 1), edit_peak_mib=round(c.peak_bytes / 2**20, 1),
-                   edit_estimate_mib=round(trace.plan.estimate_bytes / 2**20, 1), keyframes=trace.plan.frames,
+                   edit_estimate_mib=round(trace.plan.estimated_bytes / 2**20, 1), keyframes=trace.plan.frames,
                    keyframe_passes=trace.plan.passes, edited_finite=bool(torch.isfinite(edited).all()))
     out["process_above_start_mib"] = round((resident_bytes() - base) / 2**20, 1)
     return out
@@ -149,7 +150,7 @@ def main() -> None:
     ap.add_argument("--e2e", type=int, metavar="FRAMES", help="load, invert and edit a generated clip of FRAMES frames")
     ap.add_argument("--time-pairs", nargs=4, type=int, metavar=("FRAMES", "SIZE", "FRAMES_PER_PASS", "REPEATS"),
                     help="time one pass against passes, alternating in one process")
-    ap.add_argument("--keyframes-per-pass", type=int, default=4, help="TokenFlow Edit's frames_per_pass in --e2e")
+    ap.add_argument("--keyframes-per-pass", type=int, default=4, help="TokenFlow Edit's keyframes_per_pass in --e2e")
     ap.add_argument("--batch-size", type=int, default=8, help="TokenFlow Edit's batch_size in --e2e")
     args = ap.parse_args()
     if args.e2e:
@@ -170,8 +171,8 @@ def main() -> None:
             n = F if n == 0 else n
             if n > F:
                 continue
-            out = subprocess.run([sys.executable, __file__, "--mode", args.mode, "--one", str(F), str(args.size), str(n)],
-                                 capture_output=True, text=True, env=os.environ)
+            out = subprocess.run([sys.executable, "-m", "benchmarks.bench_long_clips", "--mode", args.mode, "--one", str(F),
+                                  str(args.size), str(n)], capture_output=True, text=True, env=os.environ, cwd=REPO)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
             if out.returncode or not lines:
                 print(f"| {F} | {n} | failed: {out.stderr.strip().splitlines()[-1:]} |", flush=True)

@@ -7,23 +7,22 @@ at 64x64 and 16 frames at 128x128. Also the inversion->reconstruction error per 
 Run it in ComfyUI's interpreter, on an otherwise idle machine (another process on the cores
 can slow CPU runs several times over):
 
-    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python benchmarks/bench_nodes.py [--steps 3]
+    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python -m benchmarks.bench_nodes [--steps 3]
 
-It uses the test tier's harness (tests/comfyui/comfy_harness.py) to import ComfyUI in CPU mode,
-load this repo as a custom node pack and build (or reuse) the random checkpoint.
+It uses the repository's test bed (testbed/) to import ComfyUI in CPU mode, load this repo as a
+custom node pack and build (or reuse) the random checkpoint.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from testbed import clips, comfyui
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "comfyui"))
-import comfy_harness as H  # noqa: E402
 
 FREEU = dict(b1=1.2, b2=1.4, s1=0.9, s2=0.2)  # REFERENCE §5.5
 
@@ -40,36 +39,34 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="*", default=["8x64", "16x128"], help="FRAMESxSIZE cases")
     args = ap.parse_args()
 
-    pack, model, clip, vae = H.benchmark_session(REPO, "stem-bench-")
-    inv_nodes = H.pack_submodule(pack, "nodes.inversion_nodes")
-    patch = H.pack_submodule(pack, "nodes.attention_patch")
-    tf = H.pack_submodule(pack, "nodes.tokenflow_edit")
+    pack, model, clip, vae = comfyui.session(REPO, "stem-bench-")
+    inv_run = comfyui.pack_submodule(pack, "nodes.host.inversion_run")
+    tokenflow = pack.NODE_CLASS_MAPPINGS["STEMTokenFlowEdit"]()
     import comfy_extras.nodes_freelunch as freelunch
     import nodes
     enc = nodes.CLIPTextEncode()
     source = enc.encode(clip, "a man is playing tennis")[0]
     target = enc.encode(clip, "spider-man is playing tennis")[0]
     negative = enc.encode(clip, "ugly, blurry, low res, unrealistic, unaesthetic")[0]
-    stem_model = patch.apply_stem_patch(model, {"attention": "stem", "num_bases": 256, "em_iters": 5, "tau": 0.01,
-                                                "seed": 1, "grouping": "whole clip", "frames_per_group": 8})
+    stem_model = pack.NODE_CLASS_MAPPINGS["STEMAttentionPatch"]().patch(model, "stem", 256, 5, 0.01, 1, "whole clip", 8)[0]
     edit_model = freelunch.FreeU().patch(model, **FREEU)[0]
     S = args.steps
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; ComfyUI at {H.comfyui_path()}; {S} steps a run\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; ComfyUI at {comfyui.comfyui_path()}; {S} steps a run\n")
     print("| clip | vanilla inversion | STEM inversion | STEM / vanilla | reconstruction | TokenFlow Edit | recon error vanilla | recon error STEM |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         for case in args.sizes:
             F, size = (int(v) for v in case.split("x"))
-            frames = torch.from_numpy(H.synth_frames(F, size, size)).float() / 255.0
+            frames = torch.from_numpy(clips.synth_frames(F, size, size)).float() / 255.0
             latent = nodes.VAEEncode().encode(vae, frames)[0]["samples"]
-            inv_nodes.invert(model, latent, source, 1)  # warm-up: model load, first-call costs
-            t_van, inv_v = per_step(lambda: inv_nodes.invert(model, latent, source, S), S)
-            t_stem, inv_s = per_step(lambda: inv_nodes.invert(stem_model, latent, source, S), S)
-            t_rec, rec_s = per_step(lambda: inv_nodes.reconstruct(stem_model, inv_s), S)
-            rec_v = inv_nodes.reconstruct(model, inv_v)
+            inv_run.invert(model, latent, source, 1)  # warm-up: model load, first-call costs
+            t_van, inv_v = per_step(lambda: inv_run.invert(model, latent, source, S), S)
+            t_stem, inv_s = per_step(lambda: inv_run.invert(stem_model, latent, source, S), S)
+            t_rec, (rec_s, _) = per_step(lambda: inv_run.reconstruct(stem_model, inv_s), S)
+            rec_v, _ = inv_run.reconstruct(model, inv_v)
             bs = min(8, F)
-            t_edit, _ = per_step(lambda: tf.tokenflow_edit(edit_model, inv_s, target, negative, 7.5, 0.5, 0.8, bs, 1), S)
+            t_edit, _ = per_step(lambda: tokenflow.edit(edit_model, inv_s, target, negative, 7.5, 0.5, 0.8, bs, 1), S)
             err_v = (rec_v - latent).abs().mean().item()
             err_s = (rec_s - latent).abs().mean().item()
             print(f"| {F} frames {size}x{size} | {t_van:.2f} s | {t_stem:.2f} s | {t_stem / t_van:.2f}x | {t_rec:.2f} s | "

@@ -22,22 +22,19 @@ third level (fewer tokens a frame than the default 256 bases at smaller sizes). 
 level have the same shapes, so each level is timed once and counted as many times as it has
 layers. No ComfyUI needed::
 
-    .venv/bin/python benchmarks/bench_sd15_layers.py                  # 8 frames, 512x512
-    .venv/bin/python benchmarks/bench_sd15_layers.py --size 64 --repeats 10
-    .venv/bin/python benchmarks/bench_sd15_layers.py --model sdxl --size 1024 --frames 16 --inflated --repeats 1
+    .venv/bin/python -m benchmarks.bench_sd15_layers                  # 8 frames, 512x512
+    .venv/bin/python -m benchmarks.bench_sd15_layers --size 64 --repeats 10
+    .venv/bin/python -m benchmarks.bench_sd15_layers --model sdxl --size 1024 --frames 16 --inflated --repeats 1
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stem.attention import full_attention, stem_attention  # noqa: E402
-from stem.em import DEFAULT_EM_ITERS, DEFAULT_NUM_BASES  # noqa: E402
+from stem.attention import full_attention, stem_attention
+from stem.em import DEFAULT_EM_ITERS, DEFAULT_NUM_BASES, EMParams
 
 
 def per_frame_attention(q, k, v, heads):
@@ -95,8 +92,7 @@ def main() -> None:
         q, k, v = (torch.randn(F, N, C, generator=gen) for _ in range(3))
         with torch.no_grad():
             t_pf = median_time(lambda: per_frame_attention(q, k, v, heads), args.repeats)
-            t_stem = median_time(lambda: stem_attention(q, k, v, heads, num_bases=M,
-                                                        generator=torch.Generator().manual_seed(1)), args.repeats)
+            t_stem = median_time(lambda: stem_attention(q, k, v, heads, em=EMParams(M).seeded(1)), args.repeats)
             t_inf = median_time(lambda: full_attention(q, k, v, heads), args.repeats) if args.inflated else 0.0
         mac_pf, mac_stem, mac_inf = F * N * N * C * 2, F * N * M * C * (2 * R + 3), F * F * N * N * C * 2
         for key, value in (("pf", t_pf), ("stem", t_stem), ("inf", t_inf), ("pf_mac", mac_pf), ("stem_mac", mac_stem),

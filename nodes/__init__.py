@@ -1,7 +1,6 @@
 """The ComfyUI adapter: the node modules, one or two thin node classes each, that delegate to
-stem/. What they share lives in the ``host_*`` modules beside them (paths, memory, latents, the
-model checks, the samplers around stem/ddim.py, the run plans and passes, TokenFlow's run, hooks
-and ControlNet hint slicing); those hold no node class and import no node module.
+``host/`` (the ComfyUI glue they share, one idea a module) and to ``stem/`` (the maths). No node
+module imports another.
 
 ComfyUI is imported inside functions, so the classes (and their INPUT_TYPES) import without
 the host.
@@ -9,7 +8,7 @@ the host.
 from ..stem.inversion import InversionError
 from ..stem.video import VideoError
 from . import attention_patch, inversion_io, inversion_nodes, metrics_node, tokenflow_edit, video_nodes
-from .host_base import StemError, present_errors
+from .host.pack import StemError, present_errors
 
 present_errors(StemError, InversionError, VideoError)
 

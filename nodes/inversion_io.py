@@ -1,77 +1,24 @@
 """Save STEM Inversion and Load STEM Inversion: an inversion as a safetensors file.
 
 An inversion takes minutes to compute and is reused for many edits of the same clip; the file
-format (tensors and JSON metadata, never a pickle) is stem.inversion's.
+format (tensors and JSON metadata, never a pickle) is stem.inversion's, the folders and names
+``host/inversion_files.py``'s.
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
 
 import torch
 
-from ..stem.inversion import Inversion, InversionError, load_inversion, read_metadata, save_inversion
-from .host_base import CATEGORY, StemError
-from .host_paths import existing_in_folders, file_signature, folder_roots, linked, resolve_in_folders, within
+from ..stem.inversion import Inversion, InversionError, load_inversion, save_inversion
+from .host.inversion_files import inversion_path, list_inversions, next_free_path, save_target
+from .host.pack import CATEGORY, StemError
+from .host.paths import file_signature, linked
 
 log = logging.getLogger("ComfyUI-STEM")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
-EXTENSION = ".safetensors"
-_FOLDERS = ("input", "output")
-# (path, size, mtime_ns) -> is a STEM inversion; the list is rebuilt whenever the browser
-# asks for node definitions, and reading every header each time would be wasted work.
-_format_cache: dict[tuple[str, int, int], bool] = {}
-
-
-def _is_inversion(path: str) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _format_cache:
-        try:
-            read_metadata(path)
-            _format_cache[key] = True
-        except InversionError:
-            _format_cache[key] = False
-    return _format_cache[key]
-
-
-def list_inversions() -> list[str]:
-    """STEM inversion files in the input folder (plain names) and the output folder
-    (``name [output]``), as core LoadImage annotates them, with '/' between folders."""
-    names = []
-    for kind, root in folder_roots(_FOLDERS).items():
-        for folder, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for f in files:
-                if f.startswith(".") or not f.lower().endswith(EXTENSION):
-                    continue
-                path = os.path.join(folder, f)
-                rel = os.path.relpath(path, root).replace(os.sep, "/")
-                name = rel if kind == "input" else f"{rel} [{kind}]"
-                try:
-                    resolve_in_folders(name, "inversion_file", _FOLDERS)  # skips symlinks that leave
-                except StemError:
-                    continue
-                if _is_inversion(path):
-                    names.append(name)
-    return sorted(names, key=str.lower)
-
-
-def _inversion_path(name, check_format: bool) -> str:
-    path = existing_in_folders(name, "inversion_file", _FOLDERS)
-    if not os.path.isfile(path) or not path.lower().endswith(EXTENSION):
-        raise StemError(f"inversion_file: '{name}' is not a {EXTENSION} file; pick a file written by Save STEM Inversion.")
-    if check_format:
-        try:
-            read_metadata(path)
-        except InversionError as e:
-            raise InversionError(f"inversion_file: {e}") from None
-    return path
 
 
 class SaveSTEMInversion:
@@ -118,47 +65,11 @@ class SaveSTEMInversion:
         if dtype == "float16" and not bool(inversion.latents.abs().max() <= torch.finfo(torch.float16).max):
             raise StemError("dtype: the latents hold values float16 cannot store; save as float32")
         output_dir = folder_paths.get_output_directory()
-        prefix = (filename_prefix or "").strip()
-        folder, filename = self._target(prefix, output_dir)
-        pattern = re.compile(re.escape(filename) + r"_(\d+)" + re.escape(EXTENSION) + "$", re.IGNORECASE)
-        taken = [int(m.group(1)) for m in map(pattern.match, os.listdir(folder)) if m]
-        counter = max(taken, default=0) + 1
-        while os.path.exists(os.path.join(folder, f"{filename}_{counter:05}{EXTENSION}")):
-            counter += 1
-        file = f"{filename}_{counter:05}{EXTENSION}"
-        path = os.path.join(folder, file)
+        path = next_free_path(*save_target((filename_prefix or "").strip(), output_dir))
         save_inversion(inversion, path, dtype=DTYPES[dtype])
         rel = os.path.relpath(path, output_dir).replace(os.sep, "/")
         log.info("STEM: saved the inversion (%d frames, %d steps) to %s", inversion.num_frames, inversion.steps, path)
         return {"ui": {"text": [f"{rel} [output]"]}}
-
-    @staticmethod
-    def _target(prefix: str, output_dir: str) -> tuple[str, str]:
-        """The folder (created) and the file name stem for ``prefix``; refuses one that leaves
-        the output folder with a message naming the input, not ComfyUI's generic one."""
-        import folder_paths
-
-        outside = StemError(
-            f"filename_prefix: '{prefix}' points outside ComfyUI's output folder ({output_dir}); use a relative "
-            "path such as 'stem_inversion/clip', without '..' or a leading '/'."
-        )
-        if not prefix or os.path.basename(os.path.normpath(prefix)) in ("", ".", ".."):
-            raise StemError(f"filename_prefix: '{prefix}' has no file name; use e.g. 'stem_inversion/clip'.")
-        if os.path.isabs(prefix):
-            raise outside
-        real_out = os.path.realpath(output_dir)
-        wanted = os.path.realpath(os.path.join(real_out, os.path.dirname(os.path.normpath(prefix))))
-        if not within(wanted, real_out):
-            raise outside
-        try:
-            folder, filename, _, _, _ = folder_paths.get_save_image_path(prefix, output_dir)
-        except Exception:  # ComfyUI raises a bare Exception for a prefix outside the folder
-            raise outside from None
-        # get_save_image_path checks the folder before symbolic links are followed; check after.
-        real_folder = os.path.realpath(folder)
-        if not within(real_folder, real_out):
-            raise outside
-        return folder, filename
 
 
 class LoadSTEMInversion:
@@ -195,7 +106,7 @@ class LoadSTEMInversion:
             return ("inversion_file: no inversion chosen (the list is empty). Save one with Save STEM Inversion "
                     "(it goes to the output folder), press R to refresh the list, and pick it.")
         try:
-            _inversion_path(inversion_file, check_format=True)
+            inversion_path(inversion_file, check_format=True)
         except (StemError, InversionError) as e:
             return str(e)
         return True
@@ -203,12 +114,12 @@ class LoadSTEMInversion:
     @classmethod
     def IS_CHANGED(cls, inversion_file=None):
         try:
-            return file_signature(_inversion_path(inversion_file, check_format=False))
+            return file_signature(inversion_path(inversion_file, check_format=False))
         except (StemError, OSError):
             return float("nan")  # never equal to itself: run again, and let `load` report it
 
     def load(self, inversion_file):
-        path = _inversion_path(inversion_file, check_format=False)
+        path = inversion_path(inversion_file, check_format=False)
         try:
             inv = load_inversion(path)
         except InversionError as e:

@@ -1,83 +1,10 @@
-"""STEM Invert and STEM Reconstruct: DDIM inversion of a clip, and the DDIM way back."""
+"""STEM Invert and STEM Reconstruct: DDIM inversion of a clip, and the DDIM way back (the run is
+``host/inversion_run.py``)."""
 from __future__ import annotations
 
-import logging
-
-import torch
-
-from ..stem.cost import measure
-from ..stem.inversion import Inversion
-from .host_base import CATEGORY
-from .host_latents import inversion_conditioning, latent_frames, single_cond
-from .host_memory import returning_memory
-from .host_model import check_model, model_family, model_schedule
-from .host_plans import plan_run, with_plan
-from .host_sampling import ddim_sampler, inversion_sampler, preview_callback
-
-log = logging.getLogger("ComfyUI-STEM")
-
-
-def _guider(model, conditioning):
-    """ComfyUI's own guider at cfg 1: only the conditional branch runs (REFERENCE §3: no CFG),
-    and the conditioning goes through ComfyUI's normal processing."""
-    import comfy.samplers
-
-    g = comfy.samplers.CFGGuider(model)
-    g.set_conds(conditioning, conditioning)
-    g.set_cfg(1.0)
-    return g
-
-
-def invert(model, samples: torch.Tensor, conditioning, steps: int) -> Inversion:
-    """DDIM inversion of ``samples`` (LATENT scale) with ``model`` as it is patched."""
-    prediction = check_model(model)
-    sched = model_schedule(model, steps)
-    plan = plan_run(model, samples, 1, "STEM Invert")  # before the first UNet call
-    settings = dict(model.model_options.get("transformer_options", {}).get("stem_attention") or {"attention": "per-frame"})
-    model = with_plan(model, plan)
-    trajectory = [samples.float().cpu()]
-    base = model.model
-
-    def record(i, x):
-        trajectory.append(base.process_latent_out(x.float()).cpu())
-
-    g = _guider(model, conditioning)
-    with returning_memory(), measure(model.load_device) as cost:
-        g.sample(
-            torch.zeros_like(samples), samples, inversion_sampler(record),
-            torch.tensor(sched.inversion_sigmas, dtype=torch.float32),
-            callback=preview_callback(model, steps), disable_pbar=True, seed=0,
-        )
-    cond, pooled, sizes = single_cond(conditioning, "conditioning")
-    if sizes:
-        settings["size_conditioning"] = sizes
-    settings.update({"frames_per_pass": plan.frames_per_pass, "passes": plan.passes,
-                     "memory_estimate_mib": round(plan.estimate_bytes / 2**20, 1)})
-    # wall time and peak memory of the whole inversion (model loading included when it happens here)
-    settings.update({"steps": steps, "prediction": prediction, "model_family": model_family(model), **cost.as_dict()})
-    return Inversion(
-        latents=torch.stack(trajectory),
-        timesteps=list(reversed(sched.timesteps)),
-        sigmas=torch.tensor(sched.inversion_sigmas, dtype=torch.float64),
-        cond=cond.float().cpu(),
-        pooled=None if pooled is None else pooled.float().cpu(),
-        settings=settings,
-    )
-
-
-def reconstruct(model, inv: Inversion, conditioning=None) -> torch.Tensor:
-    """DDIM sampling back down the inversion's own schedule from its noisiest latent."""
-    check_model(model)
-    conditioning = conditioning if conditioning is not None else inversion_conditioning(inv)
-    levels = list(reversed(inv.sigmas.tolist()))
-    start = inv.noisiest.clone()
-    model = with_plan(model, plan_run(model, start, 1, "STEM Reconstruct"))
-    g = _guider(model, conditioning)
-    with returning_memory():
-        return g.sample(
-            torch.zeros_like(start), start, ddim_sampler(), torch.tensor(levels, dtype=torch.float32),
-            callback=preview_callback(model, inv.steps), disable_pbar=True, seed=0,
-        )
+from .host.inversion_run import invert, reconstruct
+from .host.latents import latent_frames
+from .host.pack import CATEGORY
 
 
 class STEMInvert:
@@ -109,8 +36,7 @@ class STEMInvert:
         }
 
     def invert(self, model, latent, conditioning, steps):
-        samples = latent_frames(latent)
-        inv = invert(model, samples, conditioning, steps)
+        inv = invert(model, latent_frames(latent), conditioning, steps)
         return (inv, {"samples": inv.noisiest.clone()})
 
 
@@ -141,7 +67,10 @@ class STEMReconstruct:
     def reconstruct(self, model, inversion, conditioning=None, source_latent=None):
         if source_latent is not None:
             inversion.check_matches(latent_frames(source_latent, "source_latent"))
-        return ({"samples": reconstruct(model, inversion, conditioning)},)
+        out, notes = reconstruct(model, inversion, conditioning)
+        if notes:  # shown on the node as well as in the log
+            return {"ui": {"text": notes}, "result": ({"samples": out},)}
+        return ({"samples": out},)
 
 
 NODE_CLASS_MAPPINGS = {"STEMInvert": STEMInvert, "STEMReconstruct": STEMReconstruct}

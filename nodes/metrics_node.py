@@ -4,29 +4,12 @@ from __future__ import annotations
 import csv
 import os
 
-import numpy as np
 import torch
 
-from ..stem.metrics import compare, plot_metrics
-from .host_base import CATEGORY, StemError
+from ..stem.metrics import compare, metrics_table, plot_metrics
+from .host.pack import CATEGORY, StemError
 
 SLOTS = 3
-
-
-def metrics_table(results: dict, costs: dict) -> tuple[str, list[dict]]:
-    """A plain-text table of the means (and each inversion's cost), and the same as rows."""
-    rows = []
-    for label, r in results.items():
-        p = [v for v in r["psnr"] if np.isfinite(v)]
-        row = {"method": label, "psnr_db": float(np.mean(p)) if p else float("inf"), "ssim": float(np.mean(r["ssim"])),
-               "warp_error": float(np.mean(r["warp_error"])) if r["warp_error"] else float("nan")}
-        row.update(costs.get(label, {}))
-        rows.append(row)
-    lines = ["| method | PSNR (dB) | SSIM | warp error | inversion s | peak MiB |", "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | {r['warp_error']:.4f} | "
-                     f"{r.get('seconds', float('nan')):.1f} | {r.get('peak_mib', float('nan')):.0f} |")
-    return "\n".join(lines), rows
 
 
 class VideoMetrics:

@@ -1,13 +1,18 @@
 """TokenFlow Edit: keyframes edited jointly with PnP injection, then propagated (REFERENCE §5).
 
-The run lives in ``host_tokenflow_run.py``, the hooks in ``host_tokenflow_hooks.py``, the maths
-in ``stem/tokenflow.py``.
+The run lives in ``host/tokenflow_run.py`` (its steps in ``host/tokenflow_guider.py``, the hooks
+in ``host/tokenflow_hooks.py``), the maths in ``stem/tokenflow.py``.
 """
 from __future__ import annotations
 
-from .host_base import CATEGORY
-from .host_latents import latent_frames
-from .host_tokenflow_run import tokenflow_edit
+from .host.latents import latent_frames
+from .host.pack import CATEGORY
+from .host.renamed_inputs import renamed_inputs
+from .host.tokenflow_run import TokenFlowSettings, tokenflow_edit
+
+POSITIONS = ["reference (batch middle)", "true keyframe positions"]
+# inputs saved under an earlier name: old name -> current name
+RENAMED = {"frames_per_pass": "keyframes_per_pass"}
 
 
 class TokenFlowEdit:
@@ -47,10 +52,10 @@ class TokenFlowEdit:
                                   "tooltip": "Editing steps; 0 uses the inversion's. Others must be a subset of its timesteps."}),
                 "source_conditioning": ("CONDITIONING", {"tooltip": "Overrides the source prompt stored with the inversion."}),
                 "source_latent": ("LATENT", {"tooltip": "Optional check: refuse if the inversion was not made from this latent."}),
-                "keyframe_positions": (["reference (batch middle)", "true keyframe positions"], {
-                    "default": "reference (batch middle)",
+                "keyframe_positions": (POSITIONS, {
+                    "default": POSITIONS[0],
                     "tooltip": "How propagation weighs two keyframes: the reference measures distances to each batch's middle; the option uses the sampled keyframes."}),
-                "frames_per_pass": ("INT", {"default": 0, "min": 0, "max": 4096,
+                "keyframes_per_pass": ("INT", {"default": 0, "min": 0, "max": 4096,
                                             "tooltip": "Keyframes the UNet computes at a time in each step's keyframe pass (0 = auto: all of "
                                                        "them where they fit in memory, else the most that fit). Their extended attention "
                                                        "still spans every keyframe, and the edit is the same. The run's memory estimate "
@@ -63,19 +68,26 @@ class TokenFlowEdit:
                                               "tooltip": "Output block whose first ResBlock's residual branch gets the source's "
                                                          "features: -1 is the reference's rule (SD1.x/2.x: 4; SDXL: 1, untuned)."}),
             },
+            # the prompt, to read inputs that an older workflow saved under an earlier name
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
     def edit(self, model, inversion, positive, negative, cfg, pnp_attn_t, pnp_f_t, batch_size, seed,
-             steps=0, source_conditioning=None, source_latent=None, keyframe_positions="reference (batch middle)",
-             frames_per_pass=0, pnp_attention_blocks="auto", pnp_feature_block=-1):
+             steps=0, source_conditioning=None, source_latent=None, keyframe_positions=POSITIONS[0],
+             keyframes_per_pass=0, pnp_attention_blocks="auto", pnp_feature_block=-1, prompt=None, unique_id=None,
+             **older):
         if source_latent is not None:
             inversion.check_matches(latent_frames(source_latent, "source_latent"))
-        out, trace = tokenflow_edit(model, inversion, positive, negative, cfg, pnp_attn_t, pnp_f_t, batch_size, seed,
-                                    steps or None, source_conditioning, keyframe_positions.startswith("true"),
-                                    frames_per_pass=frames_per_pass, pnp_attention_blocks=pnp_attention_blocks,
-                                    pnp_feature_block=pnp_feature_block)
-        if trace.notes:  # shown on the node as well as in the log
-            return {"ui": {"text": trace.notes}, "result": ({"samples": out},)}
+        renamed, notes = renamed_inputs("TokenFlow Edit", RENAMED, prompt, unique_id, older)
+        keyframes_per_pass = renamed.get("keyframes_per_pass", keyframes_per_pass)
+        settings = TokenFlowSettings(cfg=cfg, pnp_attn_t=pnp_attn_t, pnp_f_t=pnp_f_t, batch_size=batch_size, seed=seed,
+                                     steps=steps, true_keyframe_positions=keyframe_positions == POSITIONS[1],
+                                     keyframes_per_pass=keyframes_per_pass, pnp_attention_blocks=pnp_attention_blocks,
+                                     pnp_feature_block=pnp_feature_block)
+        out, trace = tokenflow_edit(model, inversion, positive, negative, settings, source_conditioning)
+        notes += trace.notes
+        if notes:  # shown on the node as well as in the log
+            return {"ui": {"text": notes}, "result": ({"samples": out},)}
         return ({"samples": out},)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .em import DEFAULT_EM_ITERS, DEFAULT_NUM_BASES, DEFAULT_TAU, em_bases
+from .em import EMParams, em_bases
 
 
 def frame_groups(num_frames: int, frames_per_group: int | None = None) -> list[tuple[int, int]]:
@@ -141,11 +141,7 @@ def stem_bases(
     vs: list[torch.Tensor],
     heads: int,
     num_chunks: int = 1,
-    num_bases: int = DEFAULT_NUM_BASES,
-    iters: int = DEFAULT_EM_ITERS,
-    tau: float = DEFAULT_TAU,
-    generator: torch.Generator | None = None,
-    chunk_size: int | None = None,
+    em: EMParams = EMParams(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The EM key and value bases ``[c, h, M, d]`` (fp32) of each chunk's frames over all passes
     (``ks``, ``vs`` as in :func:`gathered_keys_values`): EM runs once per chunk and head over
@@ -158,7 +154,7 @@ def stem_bases(
         return (lambda: _clip_view(v(), num_chunks, heads)) if callable(v) else _clip_view(v, num_chunks, heads)
 
     value_blocks = [view(v) for v in vs]
-    return em_bases(key_blocks, value_blocks, num_bases, iters, tau, generator, chunk_size)
+    return em_bases(key_blocks, value_blocks, em)
 
 
 def attend_shared(
@@ -193,17 +189,13 @@ def stem_attention_passes(
     vs: list[torch.Tensor],
     heads: int,
     num_chunks: int = 1,
-    num_bases: int = DEFAULT_NUM_BASES,
-    iters: int = DEFAULT_EM_ITERS,
-    tau: float = DEFAULT_TAU,
-    generator: torch.Generator | None = None,
-    chunk_size: int | None = None,
+    em: EMParams = EMParams(),
     precision: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """STEM attention (REFERENCE §4) of each chunk's frames, spread over several passes:
     :func:`stem_bases` over all of them, then each pass's queries attend to the bases.
     One output per pass."""
-    mu, v_bases = stem_bases(ks, vs, heads, num_chunks, num_bases, iters, tau, generator, chunk_size)
+    mu, v_bases = stem_bases(ks, vs, heads, num_chunks, em)
     return [attend_shared(q, mu, v_bases, heads, num_chunks, precision) for q in qs]
 
 
@@ -246,27 +238,22 @@ def stem_attention(
     heads: int,
     num_chunks: int = 1,
     frames_per_group: int | None = None,
-    num_bases: int = DEFAULT_NUM_BASES,
-    iters: int = DEFAULT_EM_ITERS,
-    tau: float = DEFAULT_TAU,
-    generator: torch.Generator | None = None,
-    chunk_size: int | None = None,
+    em: EMParams = EMParams(),
     precision: torch.dtype | None = None,
 ) -> torch.Tensor:
     """STEM self-attention (REFERENCE §4).
 
-    For each group (by default every frame of one chunk), EM estimates ``num_bases`` key
+    For each group (by default every frame of one chunk), EM estimates ``em.num_bases`` key
     bases and value bases per head from the group's keys and values, and every frame's
     queries attend to them with ``scaled_dot_product_attention`` (scale ``1/sqrt(d)``).
     The bases are fp32; the attention runs in the dtype of ``q`` (or ``precision``).
     """
 
     if _whole_group(q, num_chunks, frames_per_group):
-        return stem_attention_passes([q], [k], [v], heads, num_chunks, num_bases, iters, tau, generator, chunk_size,
-                                     precision)[0]
+        return stem_attention_passes([q], [k], [v], heads, num_chunks, em, precision)[0]
 
     def attend(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor) -> torch.Tensor:
-        mu, v_bases = em_bases(kg, vg, num_bases, iters, tau, generator, chunk_size)
+        mu, v_bases = em_bases(kg, vg, em)
         return F.scaled_dot_product_attention(qg, mu.to(qg.dtype), v_bases.to(qg.dtype))
 
     return _apply_grouped(_upcast(attend, precision), q, k, v, heads, num_chunks, frames_per_group)

@@ -1,4 +1,4 @@
-"""Wall time and peak memory of a piece of work, for the inversion comparison (issue 5).
+"""Wall time and peak memory of a piece of work (the inversion comparison, the benchmarks).
 
 On a CUDA device the peak is ``torch.cuda.max_memory_allocated`` over the run, minus what was
 allocated before. On the CPU it is the process's peak resident memory over the run, minus the

@@ -13,6 +13,7 @@ token chunk it computes on is the same (:func:`token_chunks`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence, Union
 
 import torch
@@ -25,11 +26,36 @@ DEFAULT_EM_ITERS = 5
 DEFAULT_TAU = 0.01
 MU_NORM_EPS = 1e-4  # normalize(mu) = mu / (||mu|| + 1e-4)
 COLUMN_EPS = 1e-4  # zn = z / (sum_n z + 1e-4)
-# Automatic token chunks keep the live responsibilities (logits and softmax, fp32) near this.
-# Chunks of 256-2048 tokens (x 8 heads x 256 bases) stay in cache and ran within 15% of each
-# other on an idle 2-core CPU; the larger end means fewer, bigger ops, which suffer far less
-# when another process competes for the cores.
+# Automatic token chunks keep the live responsibilities (logits and softmax, fp32) near this:
+# chunks small enough to stay in cache, large enough to be few, big ops (benchmarks/README.md).
 DEFAULT_EM_MEMORY_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class EMParams:
+    """The parameters of one EM estimation (REFERENCE §4).
+
+    ``num_bases`` M, ``iters`` R, ``tau`` the E-step temperature; ``chunk_size`` tokens per
+    slice of the token axis (None: :func:`auto_chunk_size`); ``generator`` draws the initial
+    bases (None: torch's global generator). The generator is the one mutable part: the blocks
+    of one call draw from it in turn, so pass the same object to all of them.
+    """
+
+    num_bases: int = DEFAULT_NUM_BASES
+    iters: int = DEFAULT_EM_ITERS
+    tau: float = DEFAULT_TAU
+    chunk_size: int | None = None
+    generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+
+    def seeded(self, seed: int) -> "EMParams":
+        """These parameters with a new CPU generator seeded with ``seed``."""
+        return replace(self, generator=torch.Generator().manual_seed(int(seed)))
+
+    def check(self) -> None:
+        if self.iters < 1:
+            raise ValueError(f"em_iters must be at least 1, got {self.iters}")
+        if self.num_bases < 1:
+            raise ValueError(f"num_bases must be at least 1, got {self.num_bases}")
 
 
 def auto_chunk_size(lead: int, num_bases: int, budget_bytes: int = DEFAULT_EM_MEMORY_BYTES) -> int:
@@ -71,26 +97,19 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.to(torch.float32) for p in parts], dim=-2)
 
 
-def init_bases(
-    keys: Tokens,
-    num_bases: int = DEFAULT_NUM_BASES,
-    generator: torch.Generator | None = None,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
+def init_bases(keys: Tokens, params: EMParams = EMParams()) -> torch.Tensor:
     """Random initial bases ``mu ~ Normal(mean_n K, std_n K)``, per head and channel.
 
-    keys: ``[..., T, d]`` (or token blocks). Returns fp32 ``[..., M, d]``.
+    keys: ``[..., T, d]`` (or token blocks). Returns fp32 ``[..., M, d]`` (``M = params.num_bases``).
     The reference draws with ``torch.normal`` on every call; here the standard normal is
-    drawn on the CPU from ``generator`` so that a seed gives the same bases on any device.
+    drawn on the CPU from ``params.generator`` so that a seed gives the same bases on any device.
     Mean and (unbiased) std are two fp32 passes over token chunks, so a half-precision
     input is never copied whole.
     """
     blocks = _blocks(keys)
     first = blocks[0]
     T = sum(b.shape[-2] for b in blocks)
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(first[..., 0, 0].numel(), num_bases)
-    step = _step(T, chunk_size)
+    step = _step(T, first, params)
     total = sum(c.sum(dim=-2, keepdim=True) for c in token_chunks(blocks, step))
     mean = total / T
     if T > 1:
@@ -98,12 +117,17 @@ def init_bases(
         std = (sq / (T - 1)).sqrt()
     else:  # a single token has no spread: start every basis on it
         std = torch.zeros_like(mean)
-    shape = (*first.shape[:-2], num_bases, first.shape[-1])
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+    shape = (*first.shape[:-2], params.num_bases, first.shape[-1])
+    noise = torch.randn(shape, generator=params.generator, dtype=torch.float32, device="cpu")
     return mean + std * noise.to(first.device)
 
 
-def _step(T: int, chunk_size: int) -> int:
+def _step(T: int, first: torch.Tensor, params: EMParams) -> int:
+    """Tokens per chunk: ``params.chunk_size`` (None: from the budget for ``first``'s leading
+    dimensions), at most ``T``."""
+    chunk_size = params.chunk_size
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(first[..., 0, 0].numel(), params.num_bases)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     return min(T, int(chunk_size))
@@ -118,11 +142,7 @@ def _e_step_chunk(k_chunk: torch.Tensor, mu_normed: torch.Tensor, tau: float) ->
 def em_bases(
     keys: Tokens,
     values: Tokens | None = None,
-    num_bases: int = DEFAULT_NUM_BASES,
-    iters: int = DEFAULT_EM_ITERS,
-    tau: float = DEFAULT_TAU,
-    generator: torch.Generator | None = None,
-    chunk_size: int | None = None,
+    params: EMParams = EMParams(),
     init: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Estimate the key bases ``mu`` and the value bases ``V_b`` of REFERENCE §4.
@@ -137,16 +157,13 @@ def em_bases(
     responsibilities of the last iteration, and the returned ``mu`` is the last,
     unnormalised one, as in the reference.
 
-    ``chunk_size`` processes the tokens in slices of that many rows: ``zn^T K`` equals
+    ``params.chunk_size`` processes the tokens in slices of that many rows: ``zn^T K`` equals
     ``diag(1 / (colsum + eps)) z^T K``, so only ``[..., chunk, M]`` responsibilities are
     ever alive instead of ``[..., T, M]``. The result matches the unchunked one to fp32
     rounding (only the summation order differs). None picks a chunk from a 32 MiB budget
     (:func:`auto_chunk_size`); a chunk of at least T tokens is the plain unchunked EM.
     """
-    if iters < 1:
-        raise ValueError(f"em_iters must be at least 1, got {iters}")
-    if num_bases < 1:
-        raise ValueError(f"num_bases must be at least 1, got {num_bases}")
+    params.check()
     key_blocks = _blocks(keys)
     value_blocks = None if values is None else _blocks(values)
     if value_blocks is not None and not any(callable(v) for v in value_blocks) and \
@@ -154,19 +171,17 @@ def em_bases(
         raise ValueError(f"keys {[tuple(k.shape) for k in key_blocks]} and values "
                          f"{[tuple(v.shape) for v in value_blocks]} differ in tokens")
     T = sum(k.shape[-2] for k in key_blocks)
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(key_blocks[0][..., 0, 0].numel(), num_bases)
-    step = _step(T, chunk_size)
-    mu = init_bases(key_blocks, num_bases, generator, step) if init is None else init.float()
+    step = _step(T, key_blocks[0], params)
+    mu = init_bases(key_blocks, replace(params, chunk_size=step)) if init is None else init.float()
 
     v_bases = None
-    for it in range(iters):
-        want_v = values is not None and it == iters - 1
+    for it in range(params.iters):
+        want_v = values is not None and it == params.iters - 1
         mu_normed = mu / (mu.norm(dim=-1, keepdim=True) + MU_NORM_EPS)
         colsum = zk = zv = None
         value_chunks = token_chunks(value_blocks, step) if want_v else None
         for kc in token_chunks(key_blocks, step):
-            z = _e_step_chunk(kc, mu_normed, tau)
+            z = _e_step_chunk(kc, mu_normed, params.tau)
             zt = z.transpose(-1, -2)
             parts = (z.sum(dim=-2), torch.matmul(zt, kc))
             pv = torch.matmul(zt, next(value_chunks)) if want_v else None

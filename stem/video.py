@@ -28,9 +28,10 @@ import torch
 __all__ = [
     "DEFAULT_FPS",
     "IMAGE_EXTENSIONS",
+    "FrameSelection",
     "VideoError",
     "VideoInfo",
-    "estimate_bytes",
+    "frames_bytes",
     "list_image_files",
     "load_video",
     "probe_video",
@@ -81,20 +82,31 @@ class VideoInfo:
     frame_count: int
 
 
+@dataclass(frozen=True)
+class FrameSelection:
+    """Which frames of a clip to load, and at what size (see the module docstring for the
+    order: skip, then every nth, then cap; `_plan` for size and crop). Checked where it is used,
+    so that the error names the clip."""
+
+    frame_load_cap: int = 0
+    skip_first_frames: int = 0
+    select_every_nth: int = 1
+    size: int = 0
+    crop: bool = False
+
+
 # ---------------------------------------------------------------------------------------
 # Pure helpers: selection, sizes, memory.
 # ---------------------------------------------------------------------------------------
 
 
-def _option_problem(
-    skip_first_frames: int, select_every_nth: int, frame_load_cap: int, size: int = 0
-) -> str | None:
+def _option_problem(sel: FrameSelection) -> str | None:
     """Return a description of the first invalid option, or None when all are valid."""
     checks = (
-        ("skip_first_frames", skip_first_frames, 0),
-        ("select_every_nth", select_every_nth, 1),
-        ("frame_load_cap", frame_load_cap, 0),
-        ("size", size, 0),
+        ("skip_first_frames", sel.skip_first_frames, 0),
+        ("select_every_nth", sel.select_every_nth, 1),
+        ("frame_load_cap", sel.frame_load_cap, 0),
+        ("size", sel.size, 0),
     )
     for name, value, lowest in checks:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -104,19 +116,18 @@ def _option_problem(
     return None
 
 
-def select_frame_indices(
-    total: int, skip_first_frames: int = 0, select_every_nth: int = 1, frame_load_cap: int = 0
-) -> list[int]:
+def select_frame_indices(total: int, selection: FrameSelection = FrameSelection()) -> list[int]:
     """Source indices kept from a clip of ``total`` frames: skip, then every nth, then cap.
 
     Example: total 20, skip 3, every 2nd, cap 4 -> [3, 5, 7, 9].
     Raises VideoError for a negative skip or cap, or select_every_nth < 1.
     """
-    problem = _option_problem(skip_first_frames, select_every_nth, frame_load_cap)
+    problem = _option_problem(selection)
     if problem is not None:
         raise VideoError(problem + ".")
-    kept = range(skip_first_frames, max(int(total), 0), select_every_nth)
-    return list(kept[:frame_load_cap] if frame_load_cap > 0 else kept)
+    kept = range(selection.skip_first_frames, max(int(total), 0), selection.select_every_nth)
+    cap = selection.frame_load_cap
+    return list(kept[:cap] if cap > 0 else kept)
 
 
 def _round_multiple(value: float, *, nearest: bool = False) -> int:
@@ -178,7 +189,7 @@ def _plan(width: int, height: int, size: int, crop: bool) -> tuple[_Box, _Size]:
     return (0, 0, width, height), out
 
 
-def estimate_bytes(frame_count: int, width: int, height: int) -> int:
+def frames_bytes(frame_count: int, width: int, height: int) -> int:
     """Bytes of the float32 ``[frame_count, height, width, 3]`` tensor `load_video` returns.
 
     Decoding holds the frames as uint8 (a quarter of this) next to the output for a while,
@@ -294,7 +305,8 @@ def _no_decoded_frames(path: str) -> VideoError:
     )
 
 
-def _empty_selection(path: str, total: int, skip: int, nth: int, cap: int) -> VideoError:
+def _empty_selection(path: str, total: int, sel: FrameSelection) -> VideoError:
+    skip, nth, cap = sel.skip_first_frames, sel.select_every_nth, sel.frame_load_cap
     return _error(
         path,
         f"the source has {total} frames and skip_first_frames={skip}, select_every_nth={nth}, "
@@ -303,8 +315,8 @@ def _empty_selection(path: str, total: int, skip: int, nth: int, cap: int) -> Vi
     )
 
 
-def _validated(path: str, skip: int, nth: int, cap: int, size: int) -> None:
-    problem = _option_problem(skip, nth, cap, size)
+def _validated(path: str, sel: FrameSelection) -> None:
+    problem = _option_problem(sel)
     if problem is not None:
         raise _error(path, problem)
 
@@ -324,43 +336,34 @@ def _info(
     )
 
 
-def _output_size(
-    path: str, width: int, height: int, size: int, crop: bool
-) -> tuple[_Box, _Size]:
+def _output_size(path: str, width: int, height: int, sel: FrameSelection) -> tuple[_Box, _Size]:
     try:
-        return _plan(width, height, size, crop)
+        return _plan(width, height, sel.size, sel.crop)
     except VideoError as e:
         raise _error(path, str(e)) from None
 
 
-def probe_video(
-    path: PathLike,
-    frame_load_cap: int = 0,
-    skip_first_frames: int = 0,
-    select_every_nth: int = 1,
-    size: int = 0,
-    crop: bool = False,
-) -> VideoInfo:
+def probe_video(path: PathLike, selection: FrameSelection = FrameSelection()) -> VideoInfo:
     """What `load_video` with the same arguments would return, decoding a single frame.
 
-    Meant for checking memory (`estimate_bytes(info.frame_count, info.width, info.height)`)
+    Meant for checking memory (`frames_bytes(info.frame_count, info.width, info.height)`)
     before decoding. The frame count comes from the container and may be off by a few
     frames; only when the container reports none are the frames counted, which decodes
     them (without colour conversion).
     Raises VideoError for every problem `load_video` would report, except an image in a
     folder that fails to decode or differs in size (only the first selected one is read).
     """
-    path = _clean_path(path)
-    _validated(path, skip_first_frames, select_every_nth, frame_load_cap, size)
+    path, sel = _clean_path(path), selection
+    _validated(path, sel)
     files = _check_path(path)
     if files is not None:
         total = len(files)
-        chosen = select_frame_indices(total, skip_first_frames, select_every_nth, frame_load_cap)
+        chosen = select_frame_indices(total, sel)
         if not chosen:
-            raise _empty_selection(path, total, skip_first_frames, select_every_nth, frame_load_cap)
+            raise _empty_selection(path, total, sel)
         height, width = _read_image(files[chosen[0]]).shape[:2]
-        _, out = _output_size(path, width, height, size, crop)
-        return _info(DEFAULT_FPS, select_every_nth, width, height, total, out, len(chosen))
+        _, out = _output_size(path, width, height, sel)
+        return _info(DEFAULT_FPS, sel.select_every_nth, width, height, total, out, len(chosen))
 
     capture = _open_capture(path)
     try:
@@ -378,11 +381,11 @@ def probe_video(
                 total += 1
     finally:
         capture.release()
-    chosen = select_frame_indices(total, skip_first_frames, select_every_nth, frame_load_cap)
+    chosen = select_frame_indices(total, sel)
     if not chosen:
-        raise _empty_selection(path, total, skip_first_frames, select_every_nth, frame_load_cap)
-    _, out = _output_size(path, width, height, size, crop)
-    return _info(fps, select_every_nth, width, height, total, out, len(chosen))
+        raise _empty_selection(path, total, sel)
+    _, out = _output_size(path, width, height, sel)
+    return _info(fps, sel.select_every_nth, width, height, total, out, len(chosen))
 
 
 def _fit(image: np.ndarray, box: _Box, out: _Size) -> np.ndarray:
@@ -419,12 +422,10 @@ def _to_tensor(frames: list[np.ndarray]) -> torch.Tensor:
     return out
 
 
-def _load_images(
-    path: str, files: list[str], skip: int, nth: int, cap: int, size: int, crop: bool
-) -> tuple[torch.Tensor, VideoInfo]:
-    chosen = select_frame_indices(len(files), skip, nth, cap)
+def _load_images(path: str, files: list[str], sel: FrameSelection) -> tuple[torch.Tensor, VideoInfo]:
+    chosen = select_frame_indices(len(files), sel)
     if not chosen:
-        raise _empty_selection(path, len(files), skip, nth, cap)
+        raise _empty_selection(path, len(files), sel)
     frames: list[np.ndarray] = []
     first_file = files[chosen[0]]
     plan = None
@@ -434,7 +435,7 @@ def _load_images(
         height, width = image.shape[:2]
         if plan is None:
             src = (width, height)
-            plan = _output_size(path, width, height, size, crop)
+            plan = _output_size(path, width, height, sel)
         elif (width, height) != src:
             raise _error(
                 files[index],
@@ -444,13 +445,12 @@ def _load_images(
             )
         frames.append(_fit(image, *plan))
     out_size = plan[1]
-    info = _info(DEFAULT_FPS, nth, src[0], src[1], len(files), out_size, len(frames))
+    info = _info(DEFAULT_FPS, sel.select_every_nth, src[0], src[1], len(files), out_size, len(frames))
     return _to_tensor(frames), info
 
 
-def _load_capture(
-    path: str, skip: int, nth: int, cap: int, size: int, crop: bool
-) -> tuple[torch.Tensor, VideoInfo]:
+def _load_capture(path: str, sel: FrameSelection) -> tuple[torch.Tensor, VideoInfo]:
+    skip, nth, cap = sel.skip_first_frames, sel.select_every_nth, sel.frame_load_cap
     capture = _open_capture(path)
     frames: list[np.ndarray] = []
     try:
@@ -474,7 +474,7 @@ def _load_capture(
                 height, width = frame.shape[:2]
                 if plan is None:
                     src = (width, height)
-                    plan = _output_size(path, width, height, size, crop)
+                    plan = _output_size(path, width, height, sel)
                 elif (width, height) != src:
                     raise _error(
                         path,
@@ -490,28 +490,20 @@ def _load_capture(
         raise _no_decoded_frames(path)
     total = index if reached_end or reported <= 0 else max(reported, index)
     if not frames:
-        raise _empty_selection(path, total, skip, nth, cap)
+        raise _empty_selection(path, total, sel)
     info = _info(fps, nth, src[0], src[1], total, plan[1], len(frames))
     return _to_tensor(frames), info
 
 
-def load_video(
-    path: PathLike,
-    frame_load_cap: int = 0,
-    skip_first_frames: int = 0,
-    select_every_nth: int = 1,
-    size: int = 0,
-    crop: bool = False,
-) -> tuple[torch.Tensor, VideoInfo]:
+def load_video(path: PathLike, selection: FrameSelection = FrameSelection()) -> tuple[torch.Tensor, VideoInfo]:
     """Decode a video file, a folder of images or a single image to ``[F, H, W, 3]`` float32.
 
     path: a video OpenCV's VideoCapture reads (mp4, webm, mov, avi, gif, ...), a folder of
         images (png/jpg/jpeg/webp/bmp/tif, natural order of name: frame2 before frame10;
         grayscale becomes RGB, alpha is dropped, 16-bit keeps its precision), or one image.
         Surrounding double quotes and a leading ``~`` are accepted.
-    frame_load_cap, skip_first_frames, select_every_nth: see the module docstring; the
-        order is skip, then every nth, then cap. Decoding stops once the cap is reached.
-    size, crop: output size, see `target_size`.
+    selection: which frames (see the module docstring: skip, then every nth, then cap;
+        decoding stops once the cap is reached) and the output size (see `_plan`).
 
     Returns the frames, RGB in [0, 1] with H and W multiples of 8, and a `VideoInfo`.
     Raises VideoError (naming the path) when the path is missing, empty, not decodable,
@@ -519,10 +511,8 @@ def load_video(
     or when the options leave no frame.
     """
     path = _clean_path(path)
-    _validated(path, skip_first_frames, select_every_nth, frame_load_cap, size)
+    _validated(path, selection)
     files = _check_path(path)
     if files is not None:
-        return _load_images(
-            path, files, skip_first_frames, select_every_nth, frame_load_cap, size, crop
-        )
-    return _load_capture(path, skip_first_frames, select_every_nth, frame_load_cap, size, crop)
+        return _load_images(path, files, selection)
+    return _load_capture(path, selection)

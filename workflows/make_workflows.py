@@ -84,7 +84,7 @@ NODE_TYPES: dict[str, NodeType] = {
              ("conditioning", "CONDITIONING", True), ("source_latent", "LATENT", True)),
         (("LATENT", "LATENT"),), core=False),
     "STEMTokenFlowEdit": NodeType(
-        ("cfg", "pnp_attn_t", "pnp_f_t", "batch_size", "seed", "steps", "keyframe_positions", "frames_per_pass",
+        ("cfg", "pnp_attn_t", "pnp_f_t", "batch_size", "seed", "steps", "keyframe_positions", "keyframes_per_pass",
          "pnp_attention_blocks", "pnp_feature_block"),
         (("model", "MODEL", False), ("inversion", "STEM_INVERSION", False), ("positive", "CONDITIONING", False),
          ("negative", "CONDITIONING", False), ("source_conditioning", "CONDITIONING", True),
@@ -196,8 +196,8 @@ def sdxl_tokenflow_edit():
         "values do not carry over.\n\n"
         "Defaults otherwise the paper's: 50 + 50 steps, cfg 7.5, batch_size 8, pnp 0.5 / 0.8, 256 bases.\n\n"
         "Time: SDXL at 1024 has 16 times SD1.5-at-512's latent tokens at its first level and a heavier UNet: "
-        "this wants a GPU with plenty of memory; frames_per_pass (STEM Attention Patch, TokenFlow Edit) bounds "
-        "the memory of long clips.\n\n"
+        "this wants a GPU with plenty of memory; frames_per_pass (STEM Attention Patch) and keyframes_per_pass "
+        "(TokenFlow Edit) bound the memory of long clips.\n\n"
         "Output: ComfyUI/output/stem/ gets sdxl_tokenflow_edit_*.mp4 and sdxl_tokenflow_compare_*.mp4."
     )
     return _edit_graph(text, SDXL_CKPT, 1024, None, "stem/sdxl_tokenflow")
@@ -221,7 +221,7 @@ def _edit_graph(text, ckpt, size, freeu, prefix):
           {"model": (8, 0), "latent": (7, 0), "conditioning": (4, 0)}),
         N(11, "STEMTokenFlowEdit", (1240, 180), (340, 330),
           {"cfg": 7.5, "pnp_attn_t": 0.5, "pnp_f_t": 0.8, "batch_size": 8, "seed": 1, "steps": 0,
-           "keyframe_positions": "reference (batch middle)", "frames_per_pass": 0, "pnp_attention_blocks": "auto",
+           "keyframe_positions": "reference (batch middle)", "keyframes_per_pass": 0, "pnp_attention_blocks": "auto",
            "pnp_feature_block": -1},
           {"model": edit_model, "inversion": (10, 0), "positive": (5, 0), "negative": (6, 0), "source_latent": (7, 0)},
           control={"seed": "fixed"}),

@@ -1,16 +1,14 @@
-"""In-process ComfyUI for the ComfyUI test tier.
+"""In-process ComfyUI for the ComfyUI test tier: the pytest side of the repository's test bed.
 
 Everything here runs ComfyUI's own code (found at $COMFYUI_PATH) in this interpreter: no server,
 no sockets, nothing downloaded, nothing of ComfyUI copied into this repository.
 
-* ``locate_and_bootstrap()`` puts the checkout first on ``sys.path``, switches ComfyUI to CPU mode
-  and imports it, so that ``import nodes`` is ComfyUI's ``nodes.py`` (never this pack's ``nodes/``).
-* ``write_sd15_checkpoint()`` / ``provide_sd15_checkpoint()`` build a random-weight checkpoint with
-  SD1.5's exact layout (UNet, VAE, CLIP-L text encoder), built from ComfyUI's own classes.
+* From ``testbed`` (shared with benchmarks/, re-exported here): ``locate_and_bootstrap()``,
+  ``load_pack()``, ``pack_submodule()`` (``testbed.comfyui``); the random-weight SD1.5 checkpoint
+  and SDXL UNets (``testbed.models``); synthetic clips (``testbed.clips``).
 * ``PromptRunner`` runs API-format prompts through ``execution.PromptExecutor`` after
   ``execution.validate_prompt``, the way the server's prompt worker does.
 * ``ProgressRecorder`` is the ProgressBar hook (what ``main.hijack_progress`` installs in a server).
-* ``write_video_clip()`` writes small synthetic mp4 clips.
 
 Only the standard library is imported at module level: conftest imports this module before it
 knows whether ComfyUI (and torch) can be imported at all.
@@ -20,317 +18,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import inspect
-import logging
-import math
 import os
-import sys
 import time
 import uuid
-import zlib
 from pathlib import Path
 from typing import Any
 
-CHECKPOINT_SEED = 20240617
+# the test bed's machinery, as the tests use it (harness.NAME)
+from testbed.clips import synth_frames, write_video_clip  # noqa: F401
+from testbed.comfyui import (  # noqa: F401
+    comfyui_path,
+    configure_folders,
+    init_comfy_nodes,
+    load_pack,
+    locate_and_bootstrap,
+    pack_submodule,
+)
+from testbed.models import provide_sd15_checkpoint, random_sdxl, sdxl_conditioning  # noqa: F401
+
 CLIENT_ID = "stem-tests"
-
-# ----------------------------------------------------------------------------------------------
-# Finding and importing ComfyUI
-# ----------------------------------------------------------------------------------------------
-
-
-def comfyui_path() -> str:
-    return os.path.abspath(os.path.expanduser(os.environ.get("COMFYUI_PATH") or "~/ComfyUI"))
-
-
-def _purge_modules_under(root: str) -> None:
-    root = os.path.realpath(root) + os.sep
-    for name, mod in list(sys.modules.items()):
-        f = getattr(mod, "__file__", None)
-        if f and os.path.realpath(f).startswith(root):
-            del sys.modules[name]
-
-
-def locate_and_bootstrap() -> tuple[str, str | None]:
-    """Import ComfyUI from $COMFYUI_PATH in CPU mode. Returns (path, None) when it works and
-    (path, one-line reason) when the tier has to be skipped: no checkout there, or this
-    interpreter lacks one of ComfyUI's dependencies. Other errors propagate."""
-    path = comfyui_path()
-    if not (os.path.isfile(os.path.join(path, "comfy", "model_patcher.py"))
-            and os.path.isfile(os.path.join(path, "nodes.py"))):
-        return path, f"no ComfyUI checkout at {path} (set COMFYUI_PATH)"
-
-    stray = sys.modules.get("nodes")
-    if stray is not None and not os.path.realpath(getattr(stray, "__file__", "") or "").startswith(
-            os.path.realpath(path) + os.sep):
-        raise RuntimeError(f"a module named 'nodes' was imported before ComfyUI's: {stray!r}; "
-                           "this pack's nodes/ must only be imported as part of the pack")
-
-    if path in sys.path:
-        sys.path.remove(path)
-    sys.path.insert(0, path)
-    try:
-        import comfy.cli_args  # noqa: F401  (parses no command line: args are the defaults)
-        comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
-        import comfy.model_management  # noqa: F401
-        import utils.extra_config  # noqa: F401  main.py imports it first; see README of this tier
-        import folder_paths  # noqa: F401
-        import nodes
-        import execution  # noqa: F401
-        import comfy.utils  # noqa: F401
-        import latent_preview  # noqa: F401
-    except ImportError as e:
-        sys.path.remove(path)
-        _purge_modules_under(path)
-        return path, (f"ComfyUI at {path} cannot be imported by {sys.executable} "
-                      f"({type(e).__name__}: {e}); run this tier with ComfyUI's own python")
-
-    real = os.path.realpath(nodes.__file__)
-    if real != os.path.realpath(os.path.join(path, "nodes.py")):
-        raise RuntimeError(f"'import nodes' resolved to {real}, not ComfyUI's nodes.py in {path}")
-    if not comfy.cli_args.args.cpu or comfy.model_management.get_torch_device().type != "cpu":
-        raise RuntimeError("ComfyUI is not in CPU mode: comfy.model_management was imported "
-                           "before comfy.cli_args.args.cpu was set")
-    return path, None
-
-
-def init_comfy_nodes() -> list[str]:
-    """Register the core extra nodes (comfy_extras: FreeU, SaveAnimatedWEBP, ...) the way
-    main.start_comfyui does, without the API nodes and without scanning custom_nodes folders.
-    Returns the names of comfy_extras files that failed to import (e.g. torchaudio missing)."""
-    import nodes
-    import utils  # noqa: F401
-    if "SaveAnimatedWEBP" in nodes.NODE_CLASS_MAPPINGS:  # already done in this process
-        return []
-    failed: list[str] = []
-
-    async def go():
-        await nodes.init_public_apis()
-        failed.extend(await nodes.init_builtin_extra_nodes())
-
-    asyncio.run(go())
-    # comfy_extras must not have replaced ComfyUI's utils package (see the notes in the README)
-    um = sys.modules.get("utils")
-    if um is None or not hasattr(um, "__path__"):
-        raise RuntimeError(f"sys.modules['utils'] is {um!r}, not ComfyUI's utils package")
-    return failed
-
-
-def load_pack(custom_nodes_dir: Path, repo_root: Path, folder_name: str = "ComfyUI-STEM"):
-    """Load the repository as a custom node pack exactly like ComfyUI does: a folder
-    custom_nodes/<folder_name> (here a symlink to the repo) passed to nodes.load_custom_node.
-    Returns the package module. ComfyUI registers it in sys.modules under the folder's full
-    path with '.' replaced by '_x_' (nodes.load_custom_node), e.g.
-    '/tmp/pytest-of-root/pytest-3/comfy0/custom_nodes/ComfyUI-STEM'."""
-    import nodes
-    custom_nodes_dir.mkdir(parents=True, exist_ok=True)
-    link = custom_nodes_dir / folder_name
-    if not link.exists():
-        link.symlink_to(repo_root, target_is_directory=True)
-    module_path = str(link)
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Keep(level=logging.WARNING)
-    logging.getLogger().addHandler(handler)
-    try:
-        ok = asyncio.run(nodes.load_custom_node(module_path, ignore=set(), module_parent="custom_nodes"))
-    finally:
-        logging.getLogger().removeHandler(handler)
-    module_name = module_path.replace(".", "_x_")
-    module = sys.modules.get(module_name)
-    if not ok or module is None:
-        raise RuntimeError(f"ComfyUI could not load {repo_root} as a custom node pack; it logged:\n"
-                           + "\n".join(records))
-    return module
-
-
-def pack_submodule(pack, dotted: str):
-    """The pack's own copy of one of its submodules, e.g. pack_submodule(stem_pack, "stem.ddim").
-    The pack is imported as a package named by its path, so `import stem` in a test gives a
-    *different* module object (the repo root is on sys.path): patch or isinstance-check the
-    pack's copy, which is this one."""
-    import importlib
-    return importlib.import_module("." + dotted, pack.__name__)
-
-
-def configure_folders(base: Path) -> dict[str, Path]:
-    """Point ComfyUI's output, input, temp and user folders at fresh folders under base and add a
-    checkpoints folder (as the default one). Returns the paths."""
-    import folder_paths
-    dirs = {k: base / k for k in ("output", "input", "temp", "user", "checkpoints", "custom_nodes")}
-    for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-    folder_paths.set_output_directory(str(dirs["output"]))
-    folder_paths.set_input_directory(str(dirs["input"]))
-    folder_paths.set_temp_directory(str(dirs["temp"]))
-    folder_paths.set_user_directory(str(dirs["user"]))
-    folder_paths.add_model_folder_path("checkpoints", str(dirs["checkpoints"]), is_default=True)
-    return dirs
-
-
-# ----------------------------------------------------------------------------------------------
-# A random-weight SD1.5 checkpoint
-# ----------------------------------------------------------------------------------------------
-
-# comfy/model_detection.py (unet_config_from_diffusers_unet, "SD15") for comfy/supported_models.SD15
-SD15_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-    "context_dim": 768, "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-# comfy/sd.py, VAE.__init__: "default SD1.x/SD2.x VAE parameters"
-SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
-                   "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
-                   "attn_resolutions": [], "dropout": 0.0}
-LOGIT_SCALE = 4.6052  # ln(100), CLIP's value; the only 0-dim parameter (not saved: not transformer.*)
-
-
-def sd15_layout() -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a full SD1.5 checkpoint, read off ComfyUI's own modules built on the meta
-    device (no memory, no init)."""
-    import torch
-    import comfy.ops
-    import comfy.sd1_clip
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-
-    layout: dict[str, tuple[int, ...]] = {}
-    unet = UNetModel(**SD15_UNET_CONFIG, dtype=torch.float16, device="meta",
-                     operations=comfy.ops.disable_weight_init)
-    layout.update({"model.diffusion_model." + k: tuple(v.shape) for k, v in unet.state_dict().items()})
-    del unet
-    with torch.device("meta"):
-        vae = AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
-    layout.update({"first_stage_model." + k: tuple(v.shape) for k, v in vae.state_dict().items()})
-    del vae
-    te = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
-    # an SD1.5 file holds cond_stage_model.transformer.text_model.* only (no text_projection,
-    # no logit_scale: SD15.process_clip_state_dict_for_saving drops them too)
-    layout.update({"cond_stage_model." + k: tuple(v.shape) for k, v in te.state_dict().items()
-                   if k.startswith("transformer.text_model.")})
-    del te
-    return layout
-
-
-def init_parameter(name: str, shape: tuple[int, ...], seed: int = CHECKPOINT_SEED):
-    """One parameter, seeded by (seed, name) so the result does not depend on the order:
-    biases 0; 1-d weights (GroupNorm/LayerNorm) 1; 0-dim scalars LOGIT_SCALE; every matrix or
-    conv kernel (and the embeddings) normal with std 1/sqrt(fan_in), fan_in = prod(shape[1:]).
-    No extra scaling: measured on this layout (see test_harness), the UNet's activations stay
-    below ~20 and its output (eps) has std ~0.5, the VAE decodes to std ~0.6 before the clamp,
-    CLIP's last hidden state is layer-normed. Drawn straight in fp16 (normal_ on a half tensor)."""
-    import torch
-    if name.endswith("bias"):
-        return torch.zeros(shape, dtype=torch.float16)
-    if len(shape) == 0:
-        return torch.tensor(LOGIT_SCALE, dtype=torch.float16)
-    if len(shape) == 1:
-        return torch.ones(shape, dtype=torch.float16)
-    fan_in = math.prod(shape[1:])
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.empty(shape, dtype=torch.float16).normal_(0.0, 1.0 / math.sqrt(fan_in), generator=g)
-
-
-def write_sd15_checkpoint(path: Path, seed: int = CHECKPOINT_SEED, metadata: dict | None = None) -> int:
-    """Write the random SD1.5 checkpoint (fp16 safetensors, ~2.1 GB) to path. Returns the number
-    of parameters. Peak memory is about the file size (safetensors writes one dict)."""
-    import safetensors.torch
-    layout = sd15_layout()
-    sd = {k: init_parameter(k, shape, seed) for k, shape in layout.items()}
-    n = sum(t.numel() for t in sd.values())
-    safetensors.torch.save_file(sd, str(path), metadata=metadata or {})
-    return n
-
-
-def checkpoint_cache_key(seed: int = CHECKPOINT_SEED) -> str:
-    """Changes whenever the builder, ComfyUI's version or torch's version changes."""
-    import torch
-    try:
-        import comfyui_version
-        cv = comfyui_version.__version__
-    except ImportError:
-        cv = "?"
-    h = hashlib.sha256()
-    for obj in (sd15_layout, init_parameter, write_sd15_checkpoint):
-        h.update(inspect.getsource(obj).encode())
-    h.update(repr((SD15_UNET_CONFIG, SD_VAE_DDCONFIG, LOGIT_SCALE, seed, cv, torch.__version__)).encode())
-    return h.hexdigest()[:16]
-
-
-def checkpoint_cache_dir() -> Path | None:
-    """$STEM_TEST_CACHE_DIR (set it to 'off' to build every session), else
-    $XDG_CACHE_HOME/comfyui-stem-tests, else ~/.cache/comfyui-stem-tests. Never the repo."""
-    v = os.environ.get("STEM_TEST_CACHE_DIR")
-    if v is not None:
-        return None if v.strip().lower() in ("", "0", "off", "no", "false") else Path(v).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "comfyui-stem-tests"
-
-
-def _valid_checkpoint(path: Path, key: str) -> bool:
-    try:
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("stem_test_key") == key
-    except Exception:
-        return False
-
-
-def provide_sd15_checkpoint(checkpoints_dir: Path, seed: int = CHECKPOINT_SEED) -> tuple[str, dict]:
-    """Put the random SD1.5 checkpoint into checkpoints_dir and return (file name, info).
-    With a cache folder the file is built once (written to a temporary name, then renamed) and
-    symlinked here; cached files of other builder versions unused for an hour are deleted.
-    info: built (bool), seconds, bytes, path."""
-    key = checkpoint_cache_key(seed)
-    name = f"stem-test-sd15-random-{key}.safetensors"
-    dest = checkpoints_dir / name
-    meta = {"stem_test_key": key, "seed": str(seed), "about": "random weights, SD1.5 layout, tests only"}
-    t0 = time.perf_counter()
-    cache = checkpoint_cache_dir()
-    built = False
-    if cache is None:
-        write_sd15_checkpoint(dest, seed, meta)
-        built = True
-        target = dest
-    else:
-        cache.mkdir(parents=True, exist_ok=True)
-        target = cache / name
-        if not _valid_checkpoint(target, key):
-            tmp = cache / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-            try:
-                write_sd15_checkpoint(tmp, seed, meta)
-                os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
-            built = True
-        os.utime(target)  # marks it as in use
-        for old in cache.glob("stem-test-sd15-random-*.safetensors"):
-            # other versions of the builder: delete them unless a session used one within the hour
-            if old.name != name:
-                with contextlib.suppress(OSError):
-                    if time.time() - old.stat().st_mtime > 3600:
-                        old.unlink()
-        for stale in cache.glob(".stem-test-sd15-random-*.tmp"):  # from a killed session
-            with contextlib.suppress(OSError):
-                if time.time() - stale.stat().st_mtime > 3600:
-                    stale.unlink()
-        if dest.is_symlink() or dest.exists():
-            dest.unlink()
-        dest.symlink_to(target)
-    info = {"built": built, "seconds": time.perf_counter() - t0, "bytes": target.stat().st_size,
-            "path": str(target)}
-    return name, info
-
 
 # ----------------------------------------------------------------------------------------------
 # The server stand-in, progress, and running prompts
@@ -634,55 +340,6 @@ class PromptRunner:
                             output_dir=folder_paths.get_output_directory())
 
 
-# ----------------------------------------------------------------------------------------------
-# Synthetic video clips
-# ----------------------------------------------------------------------------------------------
-
-
-def synth_frames(frames: int = 8, width: int = 64, height: int = 64):
-    """uint8 RGB frames (F, H, W, 3): a smooth two-colour gradient background, a red disc moving
-    left to right and a yellow square moving down-right. Deterministic."""
-    import numpy as np
-    import cv2
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    bg = np.stack([40 + 60 * xx / max(width - 1, 1),
-                   90 + 80 * yy / max(height - 1, 1),
-                   200 - 100 * xx / max(width - 1, 1)], axis=-1)
-    out = np.empty((frames, height, width, 3), np.uint8)
-    r = max(2, min(width, height) // 8)
-    s = max(2, min(width, height) // 6)
-    for i in range(frames):
-        t = i / max(frames - 1, 1)
-        img = np.ascontiguousarray(bg.astype(np.uint8))
-        cx = int(round(r + t * (width - 2 * r - 1)))
-        cy = height // 2
-        cv2.circle(img, (cx, cy), r, (220, 30, 30), -1, lineType=cv2.LINE_AA)
-        x0 = int(round(2 + t * (width - s - 4)))
-        y0 = int(round(2 + t * (height - s - 4) * 0.5))
-        cv2.rectangle(img, (x0, y0), (x0 + s, y0 + s), (240, 220, 40), -1)
-        out[i] = img
-    return out
-
-
-def write_video_clip(path, frames: int = 8, width: int = 64, height: int = 64, fps: float = 8.0):
-    """Write synth_frames(...) as an mp4 ('mp4v') to path. Returns the RGB frames written (the
-    decoded ones differ slightly: mp4v is lossy)."""
-    import cv2
-    rgb = synth_frames(frames, width, height)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    if not w.isOpened():
-        raise RuntimeError(f"cv2.VideoWriter could not open {path} with mp4v")
-    try:
-        for f in rgb:
-            w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    finally:
-        w.release()
-    return rgb
-
-
-
 def clip_and_prompts(ckpt: str, clip: str, *texts: str) -> dict:
     """An API prompt: the checkpoint (node 1), the clip at 64 px (2), its latent (3) and one
     CLIPTextEncode per text (4, 5, ...). Run it and read the nodes' outputs."""
@@ -762,59 +419,3 @@ def one_guided_call(model, positive, negative, x, cfg: float):
     return got["denoised"]
 
 
-def random_sdxl(model_channels: int = 320, num_head_channels: int = 64, seed: int = 0, prediction: str = "eps",
-                std: float = 0.05):
-    """A ModelPatcher around an SDXL UNet built from ComfyUI's own SDXL config and model classes
-    (its block layout and depths: 70 self-attentions), with seeded random weights, fp32. The
-    defaults are SDXL's full widths (2.6 B parameters, 10 GB); the tests use small ones."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models as sm
-    import torch
-
-    config = sm.SDXL({
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-        "num_classes": "sequential", "adm_in_channels": 2816, "dtype": torch.float32, "in_channels": 4,
-        "model_channels": model_channels, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
-        "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
-        "context_dim": 2048, "num_head_channels": num_head_channels,
-        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
-        "use_temporal_resblock": False})
-    config.unet_config["num_head_channels"] = num_head_channels  # the family's extra config sets 64
-    base = config.get_model({"v_pred": torch.zeros(())} if prediction == "v" else {})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in base.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
-
-
-def sdxl_conditioning(seed: int, width: int = 64, height: int = 64):
-    """CONDITIONING as CLIP Text Encode SDXL gives it (tokens 2048 wide, a 1280-wide pooled
-    output, size and crop), random."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, 77, 2048, generator=g), {
-        "pooled_output": torch.randn(1, 1280, generator=g), "width": width, "height": height, "crop_w": 0,
-        "crop_h": 0, "target_width": width, "target_height": height}]]
-
-
-def benchmark_session(repo_root: Path, prefix: str):
-    """For the scripts in benchmarks/: ComfyUI in CPU mode, temp folders, the core extra nodes,
-    this repo loaded as a custom node pack and the random SD1.5 checkpoint loaded.
-    Returns (pack, model, clip, vae); exits with the reason when ComfyUI is not available."""
-    import tempfile
-
-    _, skip = locate_and_bootstrap()
-    if skip:
-        sys.exit(f"ComfyUI not available: {skip}")
-    import nodes
-
-    dirs = configure_folders(Path(tempfile.mkdtemp(prefix=prefix)))
-    init_comfy_nodes()
-    pack = load_pack(dirs["custom_nodes"], repo_root)
-    name, _ = provide_sd15_checkpoint(dirs["checkpoints"])
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
-    return pack, model, clip, vae

@@ -1,4 +1,4 @@
-"""Clips in passes (issue 10): every UNet call of a STEM-patched model runs over at most
+"""Clips in passes: every UNet call of a STEM-patched model runs over at most
 frames_per_pass frames at a time while attention spans the whole clip; the run's memory is
 planned before its first UNet call; Cancel stops inside a step.
 
@@ -9,6 +9,7 @@ import types
 import pytest
 
 import comfy_harness as harness
+from tokenflow_probe import TokenFlowProbe
 
 STEPS = 2
 
@@ -21,8 +22,9 @@ def sd(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
     return types.SimpleNamespace(
         model=r.get_node_output("1")[0], latent=r.get_node_output("3")[0]["samples"], source=r.get_node_output("4")[0],
         negative=r.get_node_output("5")[0], node=mod("nodes.attention_patch").STEMAttentionPatch(),
-        inv=mod("nodes.inversion_nodes"), plans=mod("nodes.host_plans"), passes=mod("nodes.host_passes"),
-        tf=mod("nodes.host_tokenflow_run"), patch=mod("nodes.attention_patch"), memory=mod("nodes.host_memory"),
+        inv=mod("nodes.host.inversion_run"), plans=mod("nodes.host.plans"), passes=mod("nodes.host.passes"),
+        tf=mod("nodes.host.tokenflow_run"), attn=mod("nodes.host.attention_hooks"), memory=mod("nodes.host.memory"),
+        stem_memory=mod("stem.memory"), allocator=mod("stem.allocator"),
     )
 
 
@@ -31,12 +33,16 @@ def patched(sd, mode="stem", frames_per_pass=0, grouping="whole clip"):
 
 
 def count_meetings(monkeypatch, sd):
+    """``(passes, meetings)`` of every run of passes (a meeting checks for Cancel once)."""
     seen = []
     real = sd.passes.LayerSync.run
 
-    def spy(self, passes):
-        out = real(self, passes)
-        seen.append((len(passes), self.meetings))
+    def spy(self, passes, *args):
+        checks = []
+        check = self.check_interrupt
+        self.check_interrupt = lambda: checks.append(1) or check()
+        out = real(self, passes, *args)
+        seen.append((len(passes), len(checks)))
         return out
 
     monkeypatch.setattr(sd.passes.LayerSync, "run", spy)
@@ -94,7 +100,7 @@ def test_the_run_plan_is_logged_recorded_and_refused_when_nothing_fits(sd, monke
     assert any("STEM Invert: 8 frames in 1 pass of up to 8" in r.getMessage() for r in caplog.records)
 
     # free memory for 3 frames a pass but not 8: auto picks 3 (the estimate is linear in n)
-    plans_free = sd.plans.plan_passes(8, 64, None, 3)[0].estimate_bytes / 0.8 + 1
+    plans_free = sd.stem_memory.plan_passes(sd.stem_memory.CallShape(8, 64), None, 3)[0].estimated_bytes / 0.8 + 1
     monkeypatch.setattr(sd.plans, "free_memory", lambda device=None: plans_free)
     inv = sd.inv.invert(patched(sd, "stem", 0), sd.latent, sd.source, 1)
     assert (inv.settings["frames_per_pass"], inv.settings["passes"]) == (3, 3)
@@ -113,11 +119,13 @@ def test_the_run_plan_is_logged_recorded_and_refused_when_nothing_fits(sd, monke
 def test_cancel_stops_inside_a_step_at_the_next_layer(sd, monkeypatch, growth, meetings):
     """Cancel is checked where the passes meet: a press during a UNet call stops it at the next
     self-attention, not at the end of the step. Freed memory goes back to the system at a meeting
-    once the resident memory has grown by HAND_BACK_GROWTH (0: at every meeting; 1 TiB: at none,
-    only at the run's end)."""
+    once the resident memory has grown by the hand-back's growth (0: at every meeting; 1 TiB: at
+    none, only at the run's end)."""
+    import functools
+
     import comfy.model_management as mm
 
-    monkeypatch.setattr(sd.passes.stem_memory, "HAND_BACK_GROWTH", growth)
+    monkeypatch.setattr(sd.passes, "HandBack", functools.partial(sd.allocator.HandBack, growth))
 
     model = patched(sd, "stem", 3)
     calls = []
@@ -146,24 +154,24 @@ def test_stem_passes_meet_before_the_projections(sd, monkeypatch):
     projected once at the meeting, the bases made once a layer, and each pass attends its own
     queries to them."""
     made, attended = [], []
-    real_bases, real_attend = sd.patch.stem_bases, sd.patch.attend_shared
-    monkeypatch.setattr(sd.patch, "stem_bases", lambda ks, *a, **kw: made.append([k.shape[0] for k in ks])
+    real_bases, real_attend = sd.attn.stem_bases, sd.attn.attend_shared
+    monkeypatch.setattr(sd.attn, "stem_bases", lambda ks, *a, **kw: made.append([k.shape[0] for k in ks])
                         or real_bases(ks, *a, **kw))
-    monkeypatch.setattr(sd.patch, "attend_shared", lambda q, *a, **kw: attended.append(q.shape[0])
+    monkeypatch.setattr(sd.attn, "attend_shared", lambda q, *a, **kw: attended.append(q.shape[0])
                         or real_attend(q, *a, **kw))
     sd.inv.invert(patched(sd, "stem", 3), sd.latent, sd.source, 1)
     assert made == [[3, 3, 2]] * 16 and attended == [3, 3, 2] * 16
 
 
-def edit(sd, inv, frames_per_pass, **kw):
-    return sd.tf.tokenflow_edit(sd.model, inv, sd.source, sd.negative, cfg=7.5, batch_size=2, seed=3, steps=STEPS,
-                                frames_per_pass=frames_per_pass, progress=False, **kw)
+def edit(sd, inv, keyframes_per_pass):
+    settings = sd.tf.TokenFlowSettings(cfg=7.5, batch_size=2, seed=3, steps=STEPS, keyframes_per_pass=keyframes_per_pass)
+    return sd.tf.tokenflow_edit(sd.model, inv, sd.source, sd.negative, settings, progress=False)
 
 
 @pytest.fixture(scope="module")
-def one_pass_edit(sd):
+def one_pass_edit(sd, stem_pack):
     """A per-frame inversion and its TokenFlow edit in one keyframe pass (8 frames in batches of
-    2: 4 keyframes a step), with the log lines of the edit."""
+    2: 4 keyframes a step), with the log lines of the edit and what its hooks did."""
     import logging
 
     import comfy.model_management
@@ -177,44 +185,54 @@ def one_pass_edit(sd):
     old = logger.level
     logger.setLevel(logging.INFO)
     try:
-        out, trace = edit(sd, inv, 0)
+        with pytest.MonkeyPatch.context() as m:
+            probe = TokenFlowProbe(m, stem_pack)
+            out, trace = edit(sd, inv, 0)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old)
-    yield types.SimpleNamespace(inv=inv, out=out, trace=trace, log=lines)
+    yield types.SimpleNamespace(inv=inv, out=out, trace=trace, log=lines, probe=probe)
     # ComfyUI leaves the last loaded clone's object patches (TokenFlow's feature module) in the
     # shared UNet until another model loads; unload, so later modules see the model as loaded
     comfy.model_management.unload_all_models()
 
 
-def test_a_tokenflow_edit_with_keyframes_in_passes_equals_one_pass(sd, one_pass_edit, monkeypatch):
+def test_a_tokenflow_edit_with_keyframes_in_passes_equals_one_pass(sd, one_pass_edit, monkeypatch, stem_pack):
     """With free memory for 3 keyframes a pass but not 4, auto edits the 4 keyframes of each
     step in passes of 3 + 1 that meet at every self-attention, so that their extended
     attention (PnP included) spans all 4: the edit equals the one-pass edit to fp32 rounding."""
     t1 = one_pass_edit.trace
-    assert (t1.plan.frames_per_pass, t1.plan.passes) == (4, 1) and t1.plan.estimate_bytes > 0
+    assert (t1.plan.frames_per_pass, t1.plan.passes) == (4, 1) and t1.plan.estimated_bytes > 0
     assert any("TokenFlow Edit: 4 keyframes in 1 pass of up to 4 and propagation passes of 2 frames, about" in line
                for line in one_pass_edit.log)
-    free = sd.plans.plan_tokenflow(4, 2, 64, None, 3, 3)[0].estimate_bytes / 0.8 + 1
+    free = keyframe_plan_free(sd, 3)
     monkeypatch.setattr(sd.plans, "free_memory", lambda device=None: free)
+    split, whole = TokenFlowProbe(monkeypatch, stem_pack), one_pass_edit.probe
     many, t2 = edit(sd, one_pass_edit.inv, 0)
     assert (t2.plan.frames_per_pass, t2.plan.passes) == (3, 2)
-    kinds = lambda t: [(p.step, p.kind) for p in t.passes if p.kind == "keyframes"]  # noqa: E731
-    assert kinds(t2) == [(s, "keyframes") for s in range(STEPS) for _ in range(2)]
-    assert kinds(t1) == [(s, "keyframes") for s in range(STEPS)]
+    kinds = lambda p: [(s, k) for s, k, _ in p.passes if k == "keyframes"]  # noqa: E731
+    assert kinds(split) == [(s, "keyframes") for s in range(STEPS) for _ in range(2)]
+    assert kinds(whole) == [(s, "keyframes") for s in range(STEPS)]
     for hook in ("attn", "pnp_qk", "pnp_features", "out"):  # every hook ran in both keyframe passes
-        assert t2.calls(hook) == {k: {b: n * 2 for b, n in v.items()} if k[1] == "keyframes" else v
-                                  for k, v in t1.calls(hook).items()}, hook
+        assert split.calls(hook) == {k: {b: n * 2 for b, n in v.items()} if k[1] == "keyframes" else v
+                                     for k, v in whole.calls(hook).items()}, hook
     harness.assert_fp32_close(many, one_pass_edit.out, depth=100, gain=7.5)
+
+
+def keyframe_plan_free(sd, keyframes_per_pass: int) -> float:
+    """Free memory for this clip's edit (4 keyframes in 3 branches, batches of 2, 64 first-level
+    tokens a frame) in keyframe passes of ``keyframes_per_pass``, and not one more."""
+    keyframes = sd.stem_memory.CallShape(4, 64, rows_per_frame=3)
+    return sd.stem_memory.plan_tokenflow(keyframes, 2, None, keyframes_per_pass)[0].estimated_bytes / 0.8 + 1
 
 
 def test_a_tokenflow_edit_that_cannot_fit_is_refused_with_its_estimate(sd, one_pass_edit, monkeypatch):
     """Refused before the first UNet call, naming the estimate, the free memory and the fix."""
-    free = sd.plans.plan_tokenflow(4, 2, 64, None, 1, 3)[0].estimate_bytes / 0.8 + 1
+    free = keyframe_plan_free(sd, 1)
     monkeypatch.setattr(sd.plans, "free_memory", lambda device=None: free)
-    with pytest.raises(ValueError, match=r"TokenFlow Edit: frames_per_pass 4 means 4 keyframes in 1 pass .* about .* GiB "
-                                         r"above the model, which would not fit: .* GiB is free.* Set frames_per_pass "
-                                         r"to 0 \(auto\) or at most 1"):
+    with pytest.raises(ValueError, match=r"TokenFlow Edit: keyframes_per_pass 4 means 4 keyframes in 1 pass .* about .* "
+                                         r"GiB above the model, which would not fit: .* GiB is free.* Set "
+                                         r"keyframes_per_pass to 0 \(auto\) or at most 1"):
         edit(sd, one_pass_edit.inv, 4)
     monkeypatch.setattr(sd.plans, "free_memory", lambda device=None: 1000)
     with pytest.raises(ValueError, match=r"TokenFlow Edit: even 4 keyframes in 4 passes of up to 1 .* Use a smaller "

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import comfy_harness as harness
+from tokenflow_probe import TokenFlowProbe
 
 STEPS = 4  # pnp_attn_t 0.5 -> q/k injection in steps 0, 1; pnp_f_t 0.8 -> features in steps 0, 1, 2
 
@@ -24,26 +25,43 @@ def sd(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
     return types.SimpleNamespace(
         model=model, clip=clip, vae=vae, latent=r.get_node_output("3")[0], source=r.get_node_output("4")[0],
         positive=r.get_node_output("5")[0], negative=r.get_node_output("6")[0],
-        common=mod("nodes.host_model"), patch=mod("nodes.attention_patch"), inv=mod("nodes.inversion_nodes"),
-        tf=mod("nodes.host_tokenflow_run"), hooks=mod("nodes.host_tokenflow_hooks"), node=mod("nodes.tokenflow_edit"),
-        attention=mod("stem.attention"), ddim=mod("stem.ddim"),
+        unet=mod("nodes.host.unet"), pnp=mod("nodes.host.pnp"), patch=mod("nodes.attention_patch"),
+        attn=mod("nodes.host.attention_hooks"), settings=mod("nodes.host.settings"), inv=mod("nodes.host.inversion_run"),
+        inv_nodes=mod("nodes.inversion_nodes"), tf=mod("nodes.host.tokenflow_run"), guider=mod("nodes.host.tokenflow_guider"),
+        hooks=mod("nodes.host.tokenflow_hooks"), sampling=mod("nodes.host.sampling"), node=mod("nodes.tokenflow_edit"),
+        attention=mod("stem.attention"), ddim=mod("stem.ddim"), em=mod("stem.em"), inversion=mod("stem.inversion"),
     )
 
 
-def stem_settings(**kw):
-    s = {"attention": "stem", "num_bases": 16, "em_iters": 5, "tau": 0.01, "seed": 1,
-         "grouping": "whole clip", "frames_per_group": 8}
-    s.update(kw)
-    return s
+# REFERENCE §5.2 on SD1.5: the residual branch of output_blocks[4][0] (diffusers up_blocks[1].resnets[1])
+PNP_FEATURE_MODULE = "diffusion_model.output_blocks.4.0.out_layers"
+
+
+def stem_settings(sd, attention="stem", num_bases=16, seed=1, grouping="whole clip", frames_per_group=8,
+                  frames_per_pass=0):
+    return sd.settings.AttentionSettings(mode=attention, em=sd.em.EMParams(num_bases, 5, 0.01), seed=seed,
+                                         grouping=grouping, frames_per_group=frames_per_group,
+                                         frames_per_pass=frames_per_pass)
+
+
+def stem_model(sd, **kw):
+    """The clip's model with STEM Attention Patch's hooks (16 bases unless said otherwise)."""
+    return sd.attn.patched_model(sd.model, stem_settings(sd, **kw))
+
+
+def edit(sd, model, inv, positive=None, negative=None, **kw):
+    """TokenFlow Edit's run on the clip's target and negative prompts (or those given)."""
+    return sd.tf.tokenflow_edit(model, inv, sd.positive if positive is None else positive,
+                                sd.negative if negative is None else negative, sd.tf.TokenFlowSettings(**kw))
 
 
 @pytest.fixture(scope="module")
 def inversions(sd):
     """A vanilla and a STEM inversion of the clip, each with its reconstruction."""
     out = {}
-    for name, model in (("vanilla", sd.model), ("stem", sd.patch.apply_stem_patch(sd.model, stem_settings(num_bases=256)))):
+    for name, model in (("vanilla", sd.model), ("stem", stem_model(sd, num_bases=256))):
         inv = sd.inv.invert(model, sd.latent["samples"], sd.source, STEPS)
-        rec = sd.inv.reconstruct(model, inv)
+        rec, _ = sd.inv.reconstruct(model, inv)
         out[name] = (model, inv, rec)
     return out
 
@@ -51,33 +69,34 @@ def inversions(sd):
 def test_attn1_sites_and_pnp_mapping_match_the_host_module_tree(sd):
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
-    sites = sd.common.attn1_sites(sd.model)
+    sites = sd.unet.attn1_sites(sd.model)
     assert len(sites) == 16  # SD1.5: 6 encoder, 1 middle, 9 decoder transformer blocks
     decoder = sorted(i for b, i, _ in sites if b == "output")
     assert decoder == list(range(3, 12))
     # REFERENCE §5.2: all decoder self-attentions but the first of the lowest-resolution stage
-    assert list(sd.hooks.PNP_ATTN_OUTPUT_BLOCKS) == decoder[1:]
+    layout = sd.pnp.pnp_layout(sd.model)
+    assert layout.attention == {("output", i, 0) for i in decoder[1:]} and layout.features == PNP_FEATURE_MODULE
     unet = sd.model.get_model_object("diffusion_model")
     res = unet.output_blocks[4][0]
     assert isinstance(res, ResBlock)
     # diffusers up_blocks[1].resnets[1]: 1280 channels, second resnet of the first attention stage
     assert res.out_layers[-1].out_channels == 1280
-    assert sd.model.get_model_object(sd.hooks.PNP_FEATURE_MODULE) is res.out_layers
+    assert sd.model.get_model_object(PNP_FEATURE_MODULE) is res.out_layers
 
 
 def test_stem_patch_output_equals_stem_attention_on_captured_qkv(sd, monkeypatch):
     """What ComfyUI computes at a layer equals stem.attention on that layer's q, k, v, with the
     layer's heads, one group per cond chunk, and the per-layer seed."""
     captured = []
-    real = sd.patch.stem_attention
+    real = sd.attn.stem_attention
 
     def spy(q, k, v, heads, **kw):
         out = real(q, k, v, heads, **kw)
         captured.append((q.clone(), k.clone(), v.clone(), heads, kw, out.clone()))
         return out
 
-    monkeypatch.setattr(sd.patch, "stem_attention", spy)
-    model = sd.patch.apply_stem_patch(sd.model, stem_settings(seed=7))
+    monkeypatch.setattr(sd.attn, "stem_attention", spy)
+    model = stem_model(sd, seed=7)
     outs = []
     model.set_model_attn1_output_patch(lambda n, eo: outs.append(n.clone()) or n)
     x = sd.latent["samples"]
@@ -87,10 +106,11 @@ def test_stem_patch_output_equals_stem_attention_on_captured_qkv(sd, monkeypatch
     attn1 = unet.input_blocks[1][1].transformer_blocks[0].attn1
     q, k, v, heads, kw, _ = captured[0]
     assert heads == attn1.heads == 8 and kw["num_chunks"] == 2 and q.shape[0] == 16
-    gen = torch.Generator().manual_seed(kw["generator"].initial_seed())
-    assert kw["precision"] is None  # SD1.5 asks for no attention precision
+    layer_seed = kw["em"].generator.initial_seed()
+    assert kw["precision"] is None and kw["em"].num_bases == 16  # SD1.5 asks for no attention precision
     with torch.inference_mode():
-        expected = attn1.to_out(sd.attention.stem_attention(q, k, v, 8, num_chunks=2, num_bases=16, generator=gen))
+        expected = attn1.to_out(sd.attention.stem_attention(q, k, v, 8, num_chunks=2,
+                                                            em=sd.em.EMParams(16).seeded(layer_seed)))
     # the same functions on the same tensors: only the output projection's kernel may differ
     harness.assert_fp32_close(outs[0], expected, depth=4)
 
@@ -102,7 +122,7 @@ def harness_model_call(model, positive, negative, x, cfg):
 
 @pytest.mark.parametrize("layout", [[0], [1], [1, 0], [0, 1], [0, 1, 2]])
 def test_stem_patch_handles_every_cond_or_uncond_layout(sd, layout):
-    patch = sd.patch.make_stem_attn1(stem_settings(num_bases=4))[0]
+    patch = sd.attn.stem_hooks(stem_settings(sd, num_bases=4))[0]
     F, N, heads, d = 4, 6, 2, 4
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(len(layout) * F, N, heads * d, generator=g) for _ in range(3))
@@ -123,7 +143,7 @@ def test_stem_patch_handles_every_cond_or_uncond_layout(sd, layout):
 
 
 def test_split_frames_are_refused_clearly(sd):
-    patch = sd.patch.make_stem_attn1(stem_settings(num_bases=4))[0]
+    patch = sd.attn.stem_hooks(stem_settings(sd, num_bases=4))[0]
     q = torch.randn(4, 6, 8)
     eo = {"cond_or_uncond": [0], "n_heads": 2, "block": ("input", 1), "block_index": 0, "context_window": object()}
     with pytest.raises(ValueError, match="split the frames"):
@@ -152,7 +172,7 @@ def test_nodes_leave_the_upstream_model_untouched(sd, inversions):
     """A KSampler on the original MODEL gives bit-identical output before and after our nodes
     ran on it."""
     before = ksample(sd, sd.model)
-    sd.tf.tokenflow_edit(sd.model, inversions["stem"][1], sd.positive, sd.negative, batch_size=4, steps=2)
+    edit(sd, sd.model, inversions["stem"][1], batch_size=4, steps=2)
     sd.inv.reconstruct(inversions["stem"][0], inversions["stem"][1])
     after = ksample(sd, sd.model)
     assert torch.equal(before, after)
@@ -174,7 +194,7 @@ def test_inversion_shapes_levels_and_reconstruction_error(sd, inversions, capsys
         # 4 steps of a random-weight UNet invert roughly; a broken step (sign, level, scaling) lands
         # as far away as the noise itself
         assert errs[name] < 0.4 * (inv.noisiest - x0).abs().mean().item()
-    for _, inv, _ in inversions.values():  # cost of the run, recorded with it (issue 5)
+    for _, inv, _ in inversions.values():  # cost of the run, recorded with it
         assert inv.settings["seconds"] > 0 and inv.settings["peak_mib"] >= 0 and inv.settings["memory"] == "cpu-rss"
     assert inversions["stem"][1].settings["attention"] == "stem"
     assert inversions["vanilla"][1].settings["attention"] == "per-frame"
@@ -183,56 +203,116 @@ def test_inversion_shapes_levels_and_reconstruction_error(sd, inversions, capsys
               + ", ".join(f"{k} {v:.4g}" for k, v in errs.items()))
 
 
+# The attention record of a STEM inversion's file, as STEM Invert has written it (its keys and
+# their types), and the rest of the settings an inversion keeps.
+ATTENTION_RECORD = {"attention": str, "num_bases": int, "em_iters": int, "tau": float, "seed": int, "grouping": str,
+                    "frames_per_group": int, "frames_per_pass": int, "memory_profile": str}
+RUN_RECORD = {"passes", "memory_estimate_mib", "steps", "prediction", "model_family", "seconds", "peak_mib", "memory"}
+
+
+def test_inversions_keep_their_saved_settings_format_and_old_files_still_load(sd, inversions, tmp_path):
+    """The settings record a STEM inversion writes has the keys and types its files have always had
+    (the typed settings' asdict, with the resolved pass size), and a file written in that format
+    by an earlier version loads and reconstructs like this version's."""
+    model, inv, rec = inversions["stem"]
+    assert set(inv.settings) == set(ATTENTION_RECORD) | RUN_RECORD
+    assert all(isinstance(inv.settings[k], t) for k, t in ATTENTION_RECORD.items())
+    assert inv.settings["frames_per_pass"] == 8 and inv.settings["num_bases"] == 256
+    assert sd.settings.AttentionSettings.from_record(inv.settings) == sd.settings.AttentionSettings.of(model).with_pass_size(8)
+    assert set(inversions["vanilla"][1].settings) == {"attention", "frames_per_pass"} | RUN_RECORD
+    # an earlier version's file: the same latents, its settings as that version wrote them
+    old = dict(inv.settings)
+    del old["memory_profile"]  # before memory profiles existed
+    path = tmp_path / "old.safetensors"
+    sd.inversion.save_inversion(sd.inversion.Inversion(inv.latents, inv.timesteps, inv.sigmas, inv.cond, inv.pooled,
+                                                       old), path)
+    loaded = sd.inversion.load_inversion(path)
+    assert loaded.settings == old
+    again, notes = sd.inv.reconstruct(model, loaded)
+    assert not notes and torch.equal(again, rec)
+
+
+def test_reconstructing_with_another_attention_says_so(sd, inversions):
+    """A STEM inversion run back with the plain model does not return the clip: the node says
+    which attention the inversion was made with and what the model has."""
+    _, inv, _ = inversions["stem"]
+    out = sd.inv_nodes.STEMReconstruct().reconstruct(sd.model, inv)
+    (note,) = out["ui"]["text"]
+    assert note.startswith("STEM Reconstruct: the inversion was made with STEM attention (256 bases")
+    assert "this model has per-frame attention" in note
+    assert isinstance(sd.inv_nodes.STEMReconstruct().reconstruct(*inversions["vanilla"][:2]), tuple)  # nothing to say
+
+
+def test_an_api_prompt_with_tokenflows_old_input_name_is_mapped(run_prompt, sd15_checkpoint, clip_8x64, caplog):
+    """An API-format prompt saved before keyframes_per_pass was named so gives frames_per_pass:
+    ComfyUI alone would drop it; the node uses it as keyframes_per_pass and says so."""
+    import logging
+
+    graph = edit_graph(sd15_checkpoint, clip_8x64)
+    graph["7"]["inputs"]["seed"] = 2  # an inversion of its own: later graphs find none of these nodes cached
+    graph["10"]["inputs"].update(batch_size=2, frames_per_pass=3)  # 4 keyframes: passes of 3 + 1
+    del graph["12"]
+    graph["12"] = {"class_type": "PreviewAny", "inputs": {"source": ["10", 0]}}
+    with caplog.at_level(logging.INFO, logger="ComfyUI-STEM"):
+        r = run_prompt(graph)
+    (note,) = r.outputs["10"]["text"]
+    assert "gives keyframes_per_pass under its old name frames_per_pass (3)" in note
+    assert any("4 keyframes in 2 passes of up to 3" in rec.getMessage() for rec in caplog.records)
+
+
 def test_inversion_is_deterministic(sd, inversions):
     model, inv, _ = inversions["stem"]
     again = sd.inv.invert(model, sd.latent["samples"], sd.source, STEPS)
     assert torch.equal(again.latents, inv.latents)
 
 
-def test_tokenflow_pnp_and_propagation_fire_at_reference_blocks_and_steps(sd, inversions):
+def test_tokenflow_pnp_and_propagation_fire_at_reference_blocks_and_steps(sd, inversions, monkeypatch, stem_pack):
+    probe = TokenFlowProbe(monkeypatch, stem_pack)
     inv = inversions["stem"][1]
-    out, trace = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, cfg=7.5, batch_size=4, seed=1)
+    out, trace = edit(sd, sd.model, inv, cfg=7.5, batch_size=4, seed=1)
     assert out.shape == sd.latent["samples"].shape and torch.isfinite(out).all()
-    assert not trace.split_calls  # three branches in one UNet call per pass, as in the reference
+    # three branches in one UNet call per pass, as in the reference
+    assert not trace.split_calls and probe.split_calls == 0
     KF, PROP = sd.hooks.KEYFRAMES, sd.hooks.PROPAGATION
     # every pass read its step from its own noise level: a keyframe pass and 2 batches a step
-    assert [(p.step, p.kind, p.batch) for p in trace.passes] == [
-        (s, kind, b) for s in range(STEPS) for kind, b in ((KF, 0), (PROP, 0), (PROP, 1))]
+    assert probe.passes == [(s, kind, b) for s in range(STEPS) for kind, b in ((KF, 0), (PROP, 0), (PROP, 1))]
     pnp_blocks = {("output", i, 0) for i in range(4, 12)}
-    qk = trace.calls("pnp_qk")
+    assert trace.layout.attention == pnp_blocks
+    qk = probe.calls("pnp_qk")
     # q/k injection: first int(4 * 0.5) = 2 steps, keyframe pass only, exactly the decoder blocks
     # 4..11, once per edit branch (uncond, cond)
     assert set(qk) == {(0, KF), (1, KF)}
     for counts in qk.values():
         assert counts == {b: 2 for b in pnp_blocks}
-    feats = trace.calls("pnp_features")
+    feats = probe.calls("pnp_features")
     # feature injection: first int(4 * 0.8) = 3 steps, in both passes; 2 propagation batches a step
     assert set(feats) == {(s, m) for s in range(3) for m in (KF, PROP)}
-    assert all(c[sd.hooks.PNP_FEATURE_MODULE] == (2 if m == PROP else 1) for (s, m), c in feats.items())
+    assert all(c["features"] == (2 if m == PROP else 1) for (s, m), c in feats.items())
     # every self-attention runs once per pass: the keyframe pass, and each of the 2 batches
     for hook in ("attn", "out", "norm"):
-        counts = trace.calls(hook)
+        counts = probe.calls(hook)
         for step in range(STEPS):
             if hook != "attn":
                 assert len(counts[(step, PROP)]) == 16 and set(counts[(step, PROP)].values()) == {2}
             assert len(counts[(step, KF)]) == 16 and set(counts[(step, KF)].values()) == {1}
 
 
-def test_tokenflow_split_branches_give_the_same_edit(sd, inversions, monkeypatch):
+def test_tokenflow_split_branches_give_the_same_edit(sd, inversions, monkeypatch, stem_pack):
     """When ComfyUI cannot batch the three branches, the edit redoes the pass source-first and
     the result is the same as the single-call edit."""
     inv = inversions["stem"][1]
-    a, tr_a = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, seed=2, steps=2)
+    a, tr_a = edit(sd, sd.model, inv, batch_size=8, seed=2, steps=2)
 
     class ForcedSplit(sd.tf.RunTrace):
-        def __init__(self):
-            super().__init__()
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             self.split_calls = True
 
     monkeypatch.setattr(sd.tf, "RunTrace", ForcedSplit)
-    b, tr_b = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, seed=2, steps=2)
+    probe = TokenFlowProbe(monkeypatch, stem_pack)
+    b, tr_b = edit(sd, sd.model, inv, batch_size=8, seed=2, steps=2)
     assert not tr_a.split_calls and tr_b.split_calls
-    assert tr_b.calls("split_pass")
+    assert probe.split_calls == 2 * 2  # the source branch alone, in each of the 2 passes of each step
     # the UNet runs on batches of 3 and of 1 + 2 chunks: the same sums in another order. Depth:
     # ~100 layers a pass, 2 passes a step, 2 steps; guidance 7.5 scales the difference.
     harness.assert_fp32_close(b, a, depth=400, gain=7.5)
@@ -240,31 +320,31 @@ def test_tokenflow_split_branches_give_the_same_edit(sd, inversions, monkeypatch
 
 def test_tokenflow_edit_is_seeded(sd, inversions):
     inv = inversions["stem"][1]
-    a, _ = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=4, seed=5)
-    b, _ = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=4, seed=5)
+    a, _ = edit(sd, sd.model, inv, batch_size=4, seed=5)
+    b, _ = edit(sd, sd.model, inv, batch_size=4, seed=5)
     assert torch.equal(a, b)
 
 
 def test_edit_refuses_bad_inputs_clearly(sd, inversions):
     inv = inversions["stem"][1]
     with pytest.raises(ValueError, match="fewer than batch_size"):
-        sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=16)
+        edit(sd, sd.model, inv, batch_size=16)
     with pytest.raises(ValueError, match="timesteps"):
-        sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=4, steps=3)
+        edit(sd, sd.model, inv, batch_size=4, steps=3)
     node = sd.node.TokenFlowEdit()
     other = {"samples": sd.latent["samples"] + 1}
     with pytest.raises(ValueError, match="another clip"):
         node.edit(sd.model, inv, sd.positive, sd.negative, 7.5, 0.5, 0.8, 4, 1, source_latent=other)
     small = {"samples": sd.latent["samples"][:, :, :4, :4]}
     with pytest.raises(ValueError, match="shape"):
-        sd.inv.STEMReconstruct().reconstruct(sd.model, inv, source_latent=small)
+        sd.inv_nodes.STEMReconstruct().reconstruct(sd.model, inv, source_latent=small)
 
 
 def test_weight_patches_reach_the_layers_tokenflow_wraps(sd, inversions, monkeypatch):
     """A LoRA is a weight patch on the MODEL; one on a layer inside the module TokenFlow Edit
     replaces with add_object_patch (output_blocks.4.0.out_layers) is applied during the edit,
     and the upstream model keeps no patch."""
-    key = f"{sd.hooks.PNP_FEATURE_MODULE}.3.weight"
+    key = f"{PNP_FEATURE_MODULE}.3.weight"
     weight = sd.model.model_state_dict()[key]
     patched = sd.model.clone()
     assert patched.add_patches({key: (-weight.clone(),)}, 1.0) == [key]  # W + (-W): the layer's weight is 0
@@ -277,10 +357,10 @@ def test_weight_patches_reach_the_layers_tokenflow_wraps(sd, inversions, monkeyp
 
     monkeypatch.setattr(sd.hooks.FeatureInjection, "forward", recording_forward)
     inv = inversions["stem"][1]
-    sd.tf.tokenflow_edit(patched, inv, sd.positive, sd.negative, batch_size=8, seed=1, steps=2)
+    edit(sd, patched, inv, batch_size=8, seed=1, steps=2)
     assert seen and max(seen) == 0.0
     seen.clear()
-    sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, seed=1, steps=2)
+    edit(sd, sd.model, inv, batch_size=8, seed=1, steps=2)
     assert seen and min(seen) > 0.0 and key not in sd.model.patches
 
 
@@ -327,14 +407,14 @@ def test_tokenflow_passes_get_their_own_frames_controlnet_hints(sd, inversions, 
 
     monkeypatch.setattr(net, "forward", recording_forward)
     keyframes = []
-    real_sample = sd.tf.sample_keyframes
+    real_sample = sd.guider.sample_keyframes
 
     def recording_sample(*args, **kw):
         kf = real_sample(*args, **kw)
         keyframes.append(kf.tolist())
         return kf
 
-    monkeypatch.setattr(sd.tf, "sample_keyframes", recording_sample)
+    monkeypatch.setattr(sd.guider, "sample_keyframes", recording_sample)
 
     def passes_seen():
         passes = []
@@ -346,31 +426,31 @@ def test_tokenflow_passes_get_their_own_frames_controlnet_hints(sd, inversions, 
         seen.clear()
         return passes
 
-    out, _ = sd.tf.tokenflow_edit(sd.model, inv, pos, neg, batch_size=4, seed=3, steps=2)
+    out, _ = edit(sd, sd.model, inv, positive=pos, negative=neg, batch_size=4, seed=3, steps=2)
     expected = [frames for kf in keyframes for frames in (kf, [0, 1, 2, 3], [4, 5, 6, 7])]
     assert len(keyframes) == 2 and passes_seen() == expected
     assert applied.cond_hint_original is original_hint
-    # keyframes in passes of one (issue 10): their UNet calls run interleaved, each with its hint
+    # keyframes in passes of one: their UNet calls run interleaved, each with its hint
     keyframes.clear()
-    split, _ = sd.tf.tokenflow_edit(sd.model, inv, pos, neg, batch_size=4, seed=3, steps=2, frames_per_pass=1)
+    split, _ = edit(sd, sd.model, inv, positive=pos, negative=neg, batch_size=4, seed=3, steps=2, keyframes_per_pass=1)
     expected = [frames for kf in keyframes for frames in ([kf[0]], [kf[1]], [0, 1, 2, 3], [4, 5, 6, 7])]
     # ComfyUI cannot batch the source (no ControlNet) with the edit branches: the first keyframe
     # passes are redone source-first, both passes again
     expected = expected[:2] + expected
     assert passes_seen() == expected and applied.cond_hint_original is original_hint
     harness.assert_fp32_close(split, out, depth=100, gain=7.5)
-    plain, _ = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=4, seed=3, steps=2)
+    plain, _ = edit(sd, sd.model, inv, batch_size=4, seed=3, steps=2)
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
 
 
 def test_unsupported_model_family_is_refused(sd):
     import comfy.supported_models as sm
 
-    # SDXL is supported since issue 11 (tests/comfyui/test_sdxl.py); SD3 keeps the refusal
+    # SDXL is supported (tests/comfyui/test_sdxl.py); SD3 keeps the refusal
     fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=sm.SD3(dict(sm.SD3.unet_config)),
                                                              model_type=sd.model.model.model_type))
     with pytest.raises(ValueError, match=r"SD3 models are not supported.*SD1\.x, SD2\.x and SDXL"):
-        sd.common.check_model(fake)
+        sd.unet.check_model(fake)
 
 
 def edit_graph(ckpt, clip, steps=2):
@@ -424,10 +504,10 @@ def test_v_prediction_models_invert_and_reconstruct(sd):
     import comfy_extras.nodes_model_advanced as adv
 
     vmodel = adv.ModelSamplingDiscrete().patch(sd.model, "v_prediction", False)[0]
-    assert sd.common.check_model(vmodel) == "v" and sd.common.check_model(sd.model) == "eps"
+    assert sd.unet.check_model(vmodel) == "v" and sd.unet.check_model(sd.model) == "eps"
     inv = sd.inv.invert(vmodel, sd.latent["samples"], sd.source, 2)
     assert inv.settings["prediction"] == "v"
-    assert torch.isfinite(sd.inv.reconstruct(vmodel, inv)).all()
+    assert torch.isfinite(sd.inv.reconstruct(vmodel, inv)[0]).all()
     # the first inversion step by hand, from the UNet's raw v output (REFERENCE §3, stem.ddim)
     ddim = sd.ddim
     base = vmodel.model
@@ -441,7 +521,7 @@ def test_v_prediction_models_invert_and_reconstruct(sd):
     torch.testing.assert_close(inv.latents[1], base.process_latent_out(x1), rtol=1e-3, atol=1e-3)
     x0_model = adv.ModelSamplingDiscrete().patch(sd.model, "x0", False)[0]
     with pytest.raises(ValueError, match="sampling is not supported"):
-        sd.common.check_model(x0_model)
+        sd.unet.check_model(x0_model)
 
 
 def test_fewer_edit_steps_use_a_subset_of_the_inversion_timesteps(sd, inversions, monkeypatch):
@@ -457,7 +537,7 @@ def test_fewer_edit_steps_use_a_subset_of_the_inversion_timesteps(sd, inversions
         return real(self, t)
 
     monkeypatch.setattr(type(inv), "latent_at", spy)
-    out, _ = sd.tf.tokenflow_edit(sd.model, inv, sd.positive, sd.negative, batch_size=8, steps=2)
+    out, _ = edit(sd, sd.model, inv, batch_size=8, steps=2)
     assert seen[0] == 501  # the edit starts from the inversion's latent at its own first level
     assert seen[1:] == [501, 1] and torch.isfinite(out).all()
 
@@ -466,15 +546,15 @@ def test_attention_modes_per_frame_is_sd_and_inflated_is_full_attention(sd, monk
     node = sd.patch.STEMAttentionPatch()
     per_frame = node.patch(sd.model, "per-frame", 16, 5, 0.01, 1, "whole clip", 8)[0]
     assert not per_frame.model_options["transformer_options"].get("patches_replace")
-    assert per_frame.model_options["transformer_options"]["stem_attention"]["attention"] == "per-frame"
+    assert sd.settings.AttentionSettings.of(per_frame).mode == "per-frame"
     assert torch.equal(ksample(sd, per_frame, 1.0), ksample(sd, sd.model, 1.0))
 
-    patch = sd.patch.make_inflated_attn1(stem_settings())[0]
+    patch = sd.attn.inflated_hooks(stem_settings(sd, attention="inflated"))[0]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2 * 4, 6, 16, generator=g) for _ in range(3))
     eo = {"cond_or_uncond": [1, 0], "n_heads": 2, "block": ("input", 1), "block_index": 0}
     torch.testing.assert_close(patch(q, k, v, eo), sd.attention.full_attention(q, k, v, 2, num_chunks=2))
-    monkeypatch.setattr(sd.patch, "free_memory", lambda device: 1000)
+    monkeypatch.setattr(sd.attn, "free_memory", lambda device: 1000)
     with pytest.raises(ValueError, match=r"inflated attention over 4 frames .* needs about .* GiB .* limit"):
         patch(q, k, v, eo)
 
@@ -512,7 +592,7 @@ def test_stem_invert_and_reconstruct_are_the_stem_ddim_loops(sd, inversions, mod
     while a 1% error in eps moves the result by ~1e-3 of its scale (tests/stem/test_ddim.py)."""
     model, inv, rec = inversions["vanilla" if mode == "per-frame" else "stem"]
     base, cond = model.model, sd.source[0][0]
-    sched = sd.common.model_schedule(model, STEPS)
+    sched = sd.sampling.model_schedule(model, STEPS)
     assert inv.sigmas.tolist() == pytest.approx(sched.inversion_sigmas, rel=1e-12)
     # the levels as a sampler receives them (float32), and reconstruction from the stored latent:
     # STEM's EM (tau 0.01) turns a rounding-level change of its input into a visible one
@@ -560,19 +640,19 @@ def test_attention_precision_reaches_every_attention_the_pack_calls(sd, monkeypa
 
     model = tiny_sd2()
     assert model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.attn_precision == torch.float32
-    assert sd.common.check_model(model) in ("eps", "v")
+    assert sd.unet.check_model(model) in ("eps", "v")
     cond = [[torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1)), {}]]
     x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     seen, captured = [], []
     for name in ("stem_attention", "full_attention"):
-        real = getattr(sd.patch, name)
-        monkeypatch.setattr(sd.patch, name, lambda *a, _real=real, _name=name, **kw: seen.append((_name, kw["precision"]))
+        real = getattr(sd.attn, name)
+        monkeypatch.setattr(sd.attn, name, lambda *a, _real=real, _name=name, **kw: seen.append((_name, kw["precision"]))
                             or _real(*a, **kw))
     for mode in ("stem", "inflated"):
-        patched = sd.patch.apply_attention_patch(model, stem_settings(attention=mode, num_bases=4))
+        patched = sd.attn.patched_model(model, stem_settings(sd, attention=mode, num_bases=4))
         patched.set_model_attn1_output_patch(lambda n, eo: captured.append(eo) or n)
         harness_model_call(patched, cond, cond, x, cfg=1.0)
-    sites = len(sd.common.attn1_sites(model))
+    sites = len(sd.unet.attn1_sites(model))
     assert seen == [("stem_attention", torch.float32)] * sites + [("full_attention", torch.float32)] * sites
 
     # TokenFlow's keyframe pass on that model's layer options: the source branch through
@@ -606,7 +686,7 @@ def test_tokenflow_edit_says_when_it_does_not_use_a_stem_patch(sd, inversions, c
     plain = node.edit(sd.model, inv, sd.positive, sd.negative, 7.5, 0.5, 0.8, 8, 1, steps=2)
     with caplog.at_level(logging.WARNING, logger="ComfyUI-STEM"):
         # passes of 3 frames too: TokenFlow's own passes must not be cut apart by the patch's
-        patched = node.edit(sd.patch.apply_stem_patch(sd.model, stem_settings(frames_per_pass=3)), inv, sd.positive,
+        patched = node.edit(stem_model(sd, frames_per_pass=3), inv, sd.positive,
                             sd.negative, 7.5, 0.5, 0.8, 8, 1, steps=2)
     assert isinstance(plain, tuple)  # nothing to say
     (text,) = patched["ui"]["text"]

@@ -29,6 +29,11 @@ def mod(pack):
 
 
 @pytest.fixture
+def clips(pack):
+    return harness.pack_submodule(pack, "nodes.host.clips")
+
+
+@pytest.fixture
 def node(pack):
     return pack.NODE_CLASS_MAPPINGS["STEMLoadVideoFrames"]
 
@@ -240,13 +245,13 @@ def test_options_that_leave_no_frame_are_reported(node, mod, dirs):
 # --------------------------------------------------------------------------- memory
 
 
-def test_a_clip_that_would_not_fit_in_memory_is_refused_before_decoding(node, mod, dirs, monkeypatch):
+def test_a_clip_that_would_not_fit_in_memory_is_refused_before_decoding(node, mod, clips, dirs, monkeypatch):
     _write_clip(dirs["input"] / "clip.mp4", n=10)
 
     def must_not_decode(*args, **kwargs):
         raise AssertionError("decoded although the memory check should have refused")
 
-    monkeypatch.setattr(mod, "free_memory", lambda device=None: 200_000)
+    monkeypatch.setattr(clips, "free_memory", lambda device=None: 200_000)
     monkeypatch.setattr(mod, "load_video", must_not_decode)
     with pytest.raises(ValueError) as err:
         _run(node, "clip.mp4", size=64)
@@ -258,12 +263,12 @@ def test_a_clip_that_would_not_fit_in_memory_is_refused_before_decoding(node, mo
         assert fix in text
 
 
-def test_the_memory_check_lets_a_clip_through_that_fits(node, mod, dirs, monkeypatch):
+def test_the_memory_check_lets_a_clip_through_that_fits(node, clips, dirs, monkeypatch):
     _write_clip(dirs["input"] / "clip.mp4", n=10)
     # 10 x 48 x 64 x 3 x 4 = 368,640 bytes; x1.25 = 460,800; half of 1 MB is 500,000
-    monkeypatch.setattr(mod, "free_memory", lambda device=None: 1_000_000)
+    monkeypatch.setattr(clips, "free_memory", lambda device=None: 1_000_000)
     assert _run(node, "clip.mp4")[1] == 10
-    monkeypatch.setattr(mod, "free_memory", lambda device=None: 900_000)
+    monkeypatch.setattr(clips, "free_memory", lambda device=None: 900_000)
     with pytest.raises(ValueError, match="need about"):
         _run(node, "clip.mp4")
 
@@ -272,7 +277,7 @@ def test_free_memory_is_the_hosts_figure(pack):
     import comfy.model_management as mm
     import torch
 
-    memory = harness.pack_submodule(pack, "nodes.host_memory")
+    memory = harness.pack_submodule(pack, "nodes.host.memory")
     free = memory.free_memory("cpu")
     assert free is not None and 10**7 < free < 10**14
     assert abs(free - mm.get_free_memory(torch.device("cpu"))) < 2**28  # the same count, a moment apart

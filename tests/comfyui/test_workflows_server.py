@@ -257,7 +257,7 @@ def test_workflow_runs(server, name):
             cap.release()
         assert n == FRAMES and h == SIZE, f"{name}: {path.name} has {n} frames of height {h}"
     for nid in (nid for nid, n in prompt.items() if n["class_type"] == "STEMVideoMetrics"):
-        # issue 5: the three-way comparison's plot is previewed, and its CSV written
+        # the three-way comparison's plot is previewed, and its CSV written
         previews = [i for pid_, n in prompt.items() if n["class_type"] == "PreviewImage"
                     and n["inputs"]["images"][0] == nid for i in hist["outputs"].get(pid_, {}).get("images", [])]
         assert len(previews) == 1, f"{name}: metrics plot preview {previews}"
@@ -333,7 +333,7 @@ def inversion_prompt(ckpt: str, steps: int, prefix: str) -> dict:
 
 
 def test_cancel_returns_the_servers_memory_and_the_next_prompt_runs(server):
-    """Issue 10: Cancel during a STEM inversion in passes ends the prompt within seconds; the
+    """Cancel during a STEM inversion in passes ends the prompt within seconds; the
     server's resident memory is then back at its level before the run (within a quarter of what
     the run held, and at least 32 MiB: Python's and ComfyUI's own bookkeeping; the pack hands the
     allocator's freed pages back when a run ends, however it ends), and the next prompt runs."""

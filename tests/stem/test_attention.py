@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stem.attention import frame_groups, full_attention, stem_attention
-from stem.em import em_bases
+from stem.em import EMParams, em_bases
 
 
 def qkv(B=6, N=10, heads=2, d=4, seed=0):
@@ -52,7 +52,7 @@ def test_full_attention_matches_naive_over_group_tokens(num_chunks, frames_per_g
 def test_stem_attention_matches_per_group_em_then_attention(num_chunks, frames_per_group):
     q, k, v = qkv(B=6, N=12, heads=2, d=4, seed=1)
     M = 5
-    out = stem_attention(q, k, v, 2, num_chunks, frames_per_group, num_bases=M, generator=torch.Generator().manual_seed(3))
+    out = stem_attention(q, k, v, 2, num_chunks, frames_per_group, EMParams(M).seeded(3))
     # redo it group by group and head by head, drawing the initial noise in the same order
     gen = torch.Generator().manual_seed(3)
     F = 6 // num_chunks
@@ -71,7 +71,7 @@ def test_stem_attention_matches_per_group_em_then_attention(num_chunks, frames_p
                     keys = torch.cat([head(k[f], h, 4) for f in frames])
                     vals = torch.cat([head(v[f], h, 4) for f in frames])
                     init = keys.mean(0) + keys.std(0) * noise[c * len(block) + gi, h]
-                    mu, vb = em_bases(keys, vals, M, init=init)
+                    mu, vb = em_bases(keys, vals, EMParams(M), init=init)
                     for f in frames:
                         ref = naive_attention(head(q[f], h, 4), mu, vb)
                         torch.testing.assert_close(head(out[f], h, 4), ref, rtol=1e-4, atol=1e-4)
@@ -83,7 +83,7 @@ def test_whole_clip_bases_are_shared_by_every_frame_of_a_chunk():
     q, k, v = qkv(B=4, N=8, seed=2)
     q[1:] = q[0]
     k[2:] = k[2:] * 3
-    out = stem_attention(q, k, v, 2, num_chunks=2, num_bases=4, generator=torch.Generator().manual_seed(0))
+    out = stem_attention(q, k, v, 2, num_chunks=2, em=EMParams(4).seeded(0))
     torch.testing.assert_close(out[0], out[1])
     torch.testing.assert_close(out[2], out[3])
     assert not torch.allclose(out[0], out[2], atol=1e-3)
@@ -91,15 +91,15 @@ def test_whole_clip_bases_are_shared_by_every_frame_of_a_chunk():
 
 def test_stem_attention_is_seeded():
     q, k, v = qkv()
-    a = stem_attention(q, k, v, 2, num_bases=4, generator=torch.Generator().manual_seed(5))
-    b = stem_attention(q, k, v, 2, num_bases=4, generator=torch.Generator().manual_seed(5))
+    a = stem_attention(q, k, v, 2, em=EMParams(4).seeded(5))
+    b = stem_attention(q, k, v, 2, em=EMParams(4).seeded(5))
     assert torch.equal(a, b)
 
 
 def test_stem_attention_half_precision_stays_half_and_close():
     q, k, v = qkv(B=2, N=64, heads=2, d=8)
-    ref = stem_attention(q, k, v, 2, num_bases=8, generator=torch.Generator().manual_seed(0))
-    out = stem_attention(*(x.bfloat16() for x in (q, k, v)), 2, num_bases=8, generator=torch.Generator().manual_seed(0))
+    ref = stem_attention(q, k, v, 2, em=EMParams(8).seeded(0))
+    out = stem_attention(*(x.bfloat16() for x in (q, k, v)), 2, em=EMParams(8).seeded(0))
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().mean() < 0.05
 
@@ -107,7 +107,7 @@ def test_stem_attention_half_precision_stays_half_and_close():
 def test_uneven_chunks_are_refused():
     q, k, v = qkv(B=5)
     with pytest.raises(ValueError, match="equal chunks"):
-        stem_attention(q, k, v, 2, num_chunks=2, num_bases=4)
+        stem_attention(q, k, v, 2, num_chunks=2, em=EMParams(4))
 
 
 @pytest.mark.parametrize("fn", ["full", "stem"])
@@ -115,7 +115,7 @@ def test_precision_runs_half_inputs_in_fp32_and_returns_their_dtype(fn):
     """SD2.x's attn_precision fp32: half-precision q, k, v attend in fp32, output in half."""
     q, k, v = (x * 4 for x in qkv(B=4, N=16))
     run = {"full": lambda *a, **kw: full_attention(*a, 2, num_chunks=2, **kw),
-           "stem": lambda *a, **kw: stem_attention(*a, 2, num_bases=8, generator=torch.Generator().manual_seed(0), **kw)}[fn]
+           "stem": lambda *a, **kw: stem_attention(*a, 2, em=EMParams(8).seeded(0), **kw)}[fn]
     exact = run(*(x.half().float() for x in (q, k, v)))
     upcast = run(*(x.half() for x in (q, k, v)), precision=torch.float32)
     assert upcast.dtype == torch.float16
@@ -146,10 +146,9 @@ def test_attention_over_passes_equals_one_pass_bit_for_bit(bounds, num_chunks):
 
     q, k, v = qkv(B=6 * num_chunks, N=10)
     qs, ks, vs = (_passes(x, num_chunks, bounds) for x in (q, k, v))
-    one = stem_attention(q, k, v, 2, num_chunks=num_chunks, num_bases=8, generator=torch.Generator().manual_seed(3),
-                         chunk_size=16)  # chunks of 16 tokens straddle the passes' 10-token frames
-    many = stem_attention_passes(qs, ks, vs, 2, num_chunks, num_bases=8, generator=torch.Generator().manual_seed(3),
-                                 chunk_size=16)
+    # chunks of 16 tokens straddle the passes' 10-token frames
+    one = stem_attention(q, k, v, 2, num_chunks=num_chunks, em=EMParams(8, chunk_size=16).seeded(3))
+    many = stem_attention_passes(qs, ks, vs, 2, num_chunks, em=EMParams(8, chunk_size=16).seeded(3))
     assert torch.equal(torch.cat(many), torch.cat(_passes(one, num_chunks, bounds)))
     one = full_attention(q, k, v, 2, num_chunks=num_chunks)
     many = full_attention_passes(qs, ks, vs, 2, num_chunks)
@@ -170,8 +169,7 @@ def test_stem_bases_take_values_as_functions_made_once_each():
             return x
         return make
 
-    kw = dict(num_bases=8, chunk_size=16)
-    eager = stem_bases(ks, vs, 2, 2, generator=torch.Generator().manual_seed(3), **kw)
-    lazy = stem_bases(ks, [maker(x) for x in vs], 2, 2, generator=torch.Generator().manual_seed(3), **kw)
+    eager = stem_bases(ks, vs, 2, 2, EMParams(8, chunk_size=16).seeded(3))
+    lazy = stem_bases(ks, [maker(x) for x in vs], 2, 2, EMParams(8, chunk_size=16).seeded(3))
     assert made == [4, 4, 4]
     assert torch.equal(lazy[0], eager[0]) and torch.equal(lazy[1], eager[1])

@@ -94,3 +94,18 @@ def test_compare_and_plot_draw_one_curve_per_method():
     for colour in PALETTE[:2]:  # both methods' colours are on the figure
         assert (np.abs(img.astype(int) - np.array(colour)).sum(-1) < 30).sum() > 50
     assert (img < 250).mean() > 0.02  # not blank
+
+
+def test_the_table_gives_the_means_and_each_inversions_cost():
+    from stem.metrics import metrics_table
+
+    results = {"STEM": {"psnr": [30.0, float("inf"), 20.0], "ssim": [0.9, 1.0, 0.8], "warp_error": [0.1, 0.3]},
+               "per-frame": {"psnr": [float("inf")], "ssim": [1.0], "warp_error": []}}
+    text, rows = metrics_table(results, {"STEM": {"seconds": 12.5, "peak_mib": 300.0}})
+    stem, plain = rows
+    assert stem == {"method": "STEM", "psnr_db": 25.0, "ssim": pytest.approx(0.9), "warp_error": pytest.approx(0.2),
+                    "seconds": 12.5, "peak_mib": 300.0}
+    assert plain["psnr_db"] == float("inf") and math.isnan(plain["warp_error"]) and "seconds" not in plain
+    lines = text.splitlines()
+    assert lines[0].startswith("| method | PSNR (dB)") and lines[2] == "| STEM | 25.00 | 0.9000 | 0.2000 | 12.5 | 300 |"
+    assert lines[3].startswith("| per-frame | inf | 1.0000 | nan |")

@@ -406,7 +406,7 @@ def test_keyframe_attention_is_extended_attention_with_source_queries_and_keys()
 @pytest.mark.parametrize("cuts", [[1, 3], [2, 3], [1, 2, 3]])
 @pytest.mark.parametrize("pnp", [False, True])
 def test_keyframe_attention_over_passes_is_the_one_pass_attention(cuts, pnp):
-    """Keyframes split into passes (issue 10) still attend to every keyframe's tokens, the
+    """Keyframes split into passes still attend to every keyframe's tokens, the
     source's q/k substituted pass by pass: the same result as one pass."""
     from stem.tokenflow import keyframe_attention_passes
 

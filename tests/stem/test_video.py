@@ -18,9 +18,10 @@ import torch
 from stem.video import _plan  # the sizing rules, tested apart from decoding
 from stem.video import (
     DEFAULT_FPS,
+    FrameSelection,
     VideoError,
     VideoInfo,
-    estimate_bytes,
+    frames_bytes,
     list_image_files,
     load_video,
     probe_video,
@@ -216,7 +217,7 @@ def test_single_image_file_loads_as_one_frame(tmp_path):
     ],
 )
 def test_select_frame_indices_skips_then_takes_every_nth_then_caps(total, skip, nth, cap, expected):
-    assert select_frame_indices(total, skip, nth, cap) == expected
+    assert select_frame_indices(total, FrameSelection(cap, skip, nth)) == expected
 
 
 @pytest.mark.parametrize("kind", ["mp4", "png folder"])
@@ -227,7 +228,7 @@ def test_load_applies_skip_then_every_nth_then_cap(tmp_path, kind):
     else:
         path = _write_folder(tmp_path / "f", levels)
 
-    frames, info = load_video(path, frame_load_cap=4, skip_first_frames=3, select_every_nth=2)
+    frames, info = load_video(path, FrameSelection(frame_load_cap=4, skip_first_frames=3, select_every_nth=2))
 
     assert _frame_levels(frames) == [3, 5, 7, 9]
     fps = FPS if kind == "mp4" else DEFAULT_FPS
@@ -272,7 +273,7 @@ def counting_capture(monkeypatch):
 def test_cap_stops_decoding_early(tmp_path, counting_capture):
     path = _write_video(tmp_path / "c.avi", "MJPG", [_level_frame(i) for i in range(20)])
 
-    frames, info = load_video(path, frame_load_cap=3, skip_first_frames=2)
+    frames, info = load_video(path, FrameSelection(frame_load_cap=3, skip_first_frames=2))
 
     assert _frame_levels(frames) == [2, 3, 4]
     assert counting_capture.decoded == 5
@@ -283,12 +284,12 @@ def test_probe_decodes_one_frame_and_predicts_what_load_returns(tmp_path, counti
     path = _write_video(tmp_path / "c.mp4", "mp4v", [_level_frame(i) for i in range(20)], fps=24.0)
     options = dict(frame_load_cap=4, skip_first_frames=3, select_every_nth=2, size=32, crop=False)
 
-    info = probe_video(path, **options)
+    info = probe_video(path, FrameSelection(**options))
 
     assert counting_capture.decoded == 1
     source = (info.fps, info.source_width, info.source_height, info.source_frame_count)
     assert source == (24.0, W, H, 20)
-    assert info == load_video(path, **options)[1]
+    assert info == load_video(path, FrameSelection(**options))[1]
     assert probe_video(path).frame_count == 20
 
 
@@ -297,9 +298,9 @@ def test_probe_of_folder_matches_load(tmp_path):
 
     options = dict(skip_first_frames=1, select_every_nth=3, size=24, crop=True)
 
-    info = probe_video(folder, **options)
+    info = probe_video(folder, FrameSelection(**options))
 
-    assert info == load_video(folder, **options)[1]
+    assert info == load_video(folder, FrameSelection(**options))[1]
     assert (info.frame_count, info.width, info.height) == (2, 24, 24)
 
 
@@ -337,7 +338,7 @@ def test_output_size_rejects_frames_smaller_than_8_px_and_sizes_it_would_enlarge
 def test_load_resizes_video_to_the_requested_size(tmp_path, size, crop, shape):
     path = _write_video(tmp_path / "c.avi", "MJPG", [_square_frame(i) for i in range(6)])
 
-    frames, info = load_video(path, size=size, crop=crop)
+    frames, info = load_video(path, FrameSelection(size=size, crop=crop))
 
     assert frames.shape == (6, *shape, 3)
     assert (info.height, info.width) == shape
@@ -355,7 +356,7 @@ def test_crop_without_size_centre_crops_without_scaling(tmp_path):
     image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
     folder = _write_folder(tmp_path / "f", [image])
 
-    frames, info = load_video(folder, crop=True)
+    frames, info = load_video(folder, FrameSelection(crop=True))
 
     expected = torch.from_numpy(image[1:49, 3:67, ::-1].copy()).float() / 255
     assert torch.equal(frames[0], expected)
@@ -368,8 +369,8 @@ def test_crop_with_size_cuts_the_sides_of_a_wide_frame(tmp_path):
     image[:, -20:] = (0, 0, 255)
     folder = _write_folder(tmp_path / "f", [image])
 
-    cropped, _ = load_video(folder, size=24, crop=True)
-    squeezed, _ = load_video(folder, size=24, crop=False)
+    cropped, _ = load_video(folder, FrameSelection(size=24, crop=True))
+    squeezed, _ = load_video(folder, FrameSelection(size=24, crop=False))
 
     assert cropped.shape == (1, 24, 24, 3)
     assert torch.allclose(cropped, torch.tensor(128 / 255), atol=1e-6)
@@ -377,14 +378,14 @@ def test_crop_with_size_cuts_the_sides_of_a_wide_frame(tmp_path):
     assert squeezed[0, :, :4, 0].min() > 0.9  # the red edge survives without crop
 
 
-def test_estimate_bytes_matches_the_loaded_tensor(tmp_path):
+def test_frames_bytes_match_the_loaded_tensor(tmp_path):
     path = _write_video(tmp_path / "c.mp4", "mp4v", [_level_frame(i) for i in range(5)])
 
-    frames, info = load_video(path, size=32)
+    frames, info = load_video(path, FrameSelection(size=32))
 
-    assert estimate_bytes(10, 64, 48) == 10 * 48 * 64 * 3 * 4
+    assert frames_bytes(10, 64, 48) == 10 * 48 * 64 * 3 * 4
     loaded_bytes = frames.numel() * frames.element_size()
-    assert estimate_bytes(info.frame_count, info.width, info.height) == loaded_bytes
+    assert frames_bytes(info.frame_count, info.width, info.height) == loaded_bytes
 
 
 def test_quoted_path_is_accepted(tmp_path):
@@ -450,7 +451,7 @@ def test_selection_leaving_no_frames_reports_the_source_length(tmp_path, kind):
     load = probe_video if kind.startswith("probe") else load_video
 
     _assert_error(
-        lambda: load(path, skip_first_frames=6), path, "has 6 frames", "skip_first_frames=6"
+        lambda: load(path, FrameSelection(skip_first_frames=6)), path, "has 6 frames", "skip_first_frames=6"
     )
 
 
@@ -460,9 +461,9 @@ def test_selection_leaving_no_frames_reports_the_source_length(tmp_path, kind):
 )
 def test_invalid_options_are_refused_by_name(tmp_path, option, value):
     path = _write_video(tmp_path / "c.mp4", "mp4v", [_level_frame(0)] * 2)
-    _assert_error(lambda: load_video(path, **{option: value}), path, option)
+    _assert_error(lambda: load_video(path, FrameSelection(**{option: value})), path, option)
     with pytest.raises(VideoError, match="select_every_nth"):
-        select_frame_indices(10, select_every_nth=0)
+        select_frame_indices(10, FrameSelection(select_every_nth=0))
 
 
 def test_undecodable_image_in_folder_is_named(tmp_path):

@@ -286,6 +286,28 @@ def test_tokenflow_workflow_has_the_reference_defaults():
     assert _source_of(wf, edit, "negative")[0] == _node(wf, "CLIPTextEncode", "Negative prompt")["id"]
 
 
+# TokenFlow Edit's widget values as a UI workflow saved before keyframes_per_pass was renamed from
+# frames_per_pass (3 keyframes a pass): the frontend restores widget values by position.
+OLD_TOKENFLOW_WIDGETS = [7.5, 0.5, 0.8, 8, 1, "fixed", 0, "reference (batch middle)", 3, "auto", -1]
+
+
+def _widget_names(input_types: dict, control_after=("seed",)) -> list[str]:
+    """The names of a node's widget values in a UI workflow, in order (a seed adds its control value)."""
+    names = []
+    for name, kind, opts, _ in _specs(input_types):
+        if _is_widget(kind, opts):
+            names += [name] + (["control_after_generate"] if name in control_after else [])
+    return names
+
+
+def test_an_old_ui_workflow_gives_keyframes_per_pass_its_frames_per_pass_value(pack):
+    """Renaming TokenFlow Edit's frames_per_pass kept its place among the widgets, so a UI workflow
+    saved with the old name gives its value to keyframes_per_pass."""
+    values = dict(zip(_widget_names(pack.input_types["STEMTokenFlowEdit"]), OLD_TOKENFLOW_WIDGETS, strict=True))
+    assert values["keyframes_per_pass"] == 3 and values["keyframe_positions"] == "reference (batch middle)"
+    assert values["pnp_attention_blocks"] == "auto" and values["seed"] == 1
+
+
 def test_reconstruction_uses_each_inversions_model():
     wf = ui("stem_inversion_reconstruction")
     kinds = set()

@@ -12,7 +12,7 @@ def present_errors(*types: type) -> None:
     """Give error types a module name without a file path.
 
     ComfyUI shows an exception's type as ``module.QualName``; a custom node's module name is
-    its folder's full path (``/.../custom_nodes/ComfyUI-STEM.nodes.host_base``), so users saw a
+    its folder's full path (``/.../custom_nodes/ComfyUI-STEM.nodes.host.pack``), which would put a
     path where a name belongs. The pack's name reads better and still says where it came from.
     """
     for t in types:

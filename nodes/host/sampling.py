@@ -1,4 +1,5 @@
-"""The DDIM loops of stem.ddim as ComfyUI samplers, and progress with previews.
+"""The DDIM run: the reference schedule on the model's noise levels, and the loops of stem.ddim
+as ComfyUI samplers.
 
 The loops themselves live once, in ``stem.ddim``; here they get ComfyUI's model function
 (a k-diffusion denoiser), Cancel between UNet calls, and the sampler callback that draws
@@ -11,8 +12,14 @@ from typing import Callable
 
 import torch
 
-from ..stem.ddim import ddim_invert, ddim_sample, eps_from_denoised
-from .host_model import interrupted
+from ...stem.ddim import DDIMSchedule, abar_from_sigma, ddim_invert, ddim_sample, eps_from_denoised
+from .cancel import interrupted
+
+
+def model_schedule(model, steps: int) -> DDIMSchedule:
+    """The reference DDIM schedule on the model's own noise levels (REFERENCE §2)."""
+    ms = model.get_model_object("model_sampling")
+    return DDIMSchedule.create(steps, abar_from_sigma(ms.sigmas.double().cpu()))
 
 
 def _eps_fn(model, x: torch.Tensor, extra_args: dict):
@@ -78,35 +85,3 @@ def preview_callback(model, steps: int):
     import latent_preview
 
     return latent_preview.prepare_callback(model, steps)
-
-
-class PassProgress:
-    """A progress bar that moves once per UNet pass, its total known from the start.
-
-    TokenFlow's step is several UNet passes (a keyframe pass and one per batch); the bar
-    shows each pass, and the sampler's per-step callback adds the latent preview. It is
-    shown at 0 before anything runs, so the model loading that precedes the first pass is
-    not a silent wait.
-    """
-
-    def __init__(self, model, total_passes: int):
-        import comfy.utils
-        import latent_preview
-
-        self.total = int(total_passes)
-        self.done = 0
-        self.bar = comfy.utils.ProgressBar(self.total)
-        self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
-        self.bar.update_absolute(0, self.total)
-
-    def pass_done(self) -> None:
-        self.done += 1
-        self.bar.update_absolute(self.done, self.total)
-
-    def step_callback(self, step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
-        """The guider's per-step callback (as ``latent_preview.prepare_callback``'s): the
-        step's preview on the bar, which the passes have already moved."""
-        preview = None
-        if self.previewer is not None:
-            preview = self.previewer.decode_latent_to_preview_image("JPEG", x0)
-        self.bar.update_absolute(self.done, self.total, preview)

@@ -36,7 +36,7 @@ def frame_hints(conds: dict, frames, num_frames: int):
 @contextlib.contextmanager
 def interleaved_hints(conds: dict, groups: list, num_frames: int):
     """:func:`frame_hints` for passes whose UNet calls run interleaved (keyframes in several
-    passes, issue 10): yields ``entering(i)``, to be called whenever pass i is about to compute,
+    passes): yields ``entering(i)``, to be called whenever pass i is about to compute,
     which gives the controls pass i's frames (``groups[i]``) of the hints and its own prepared
     hint (ControlNet keeps the hint it prepared for a call and reuses it while the shapes match;
     a pass's is recomputed from its frames' hints by get_control the first time)."""

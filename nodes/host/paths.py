@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from .host_base import StemError
+from .pack import StemError
 
 
 def within(path: str, root: str) -> bool:

@@ -1,6 +1,6 @@
 """A UNet call over a clip in passes of at most n frames, its self-attention still over all frames.
 
-Layer-synchronous execution (issue 10): the APPLY_MODEL wrapper cuts the batch into passes of
+Layer-synchronous execution: the APPLY_MODEL wrapper cuts the batch into passes of
 n frames of every cond chunk and runs each pass's UNet forward as a greenlet. At each
 self-attention, before its projections, the pass hands the layer's input (the norm output) to
 :class:`LayerSync` and suspends (:func:`projection_meeting`); when every pass has reached that
@@ -15,9 +15,9 @@ frames") the passes meet in the attention replacement with q, k, v instead
 they are: a wrapper and attention patches on the clone only.
 
 Cancel is checked at every layer meeting, so it stops a long step within one layer. At a meeting
-where the process's resident memory has grown by ``stem.memory.HAND_BACK_GROWTH`` since the last
-time, the pages that the passes freed between the blocks they hold go back to the system
-(``stem.memory.return_free_memory``, :class:`stem.memory.HandBack`).
+where the process's resident memory has grown enough since the last time
+(:class:`stem.allocator.HandBack`), the pages that the passes freed between the blocks they hold
+go back to the system (``stem.allocator.return_free_memory``).
 """
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..stem import memory as stem_memory
-from ..stem.memory import HandBack, return_free_memory
-from .host_model import attn1_modules, interrupted, site_key
+from ...stem.allocator import HandBack, return_free_memory
+from .cancel import interrupted
+from .layer import chunk_count, site_key
+from .unet import attn1_modules
 
 PASSES_KEY = "stem_passes"  # transformer_options entry of a pass: its LayerSync
 SHARED_KEY = "stem_layer_shared"  # extra_options of one layer in a pass: what the meeting handed back
@@ -56,7 +57,6 @@ class LayerSync:
     def __init__(self, check_interrupt: Callable[[], None] = interrupted, attn1: Callable | None = None):
         self.check_interrupt = check_interrupt
         self.attn1 = attn1  # site -> that layer's attention module, for meetings before its projections
-        self.meetings = 0
 
     @staticmethod
     def meet(key: tuple, combine: Callable[[list], list], payload) -> Any:
@@ -82,7 +82,7 @@ class LayerSync:
                 entering(i)
             return gls[i].switch(*value)
 
-        hand_back = HandBack(stem_memory.HAND_BACK_GROWTH)
+        hand_back = HandBack()
         try:
             values = [resume(i) for i in range(len(gls))]
             while True:
@@ -93,13 +93,12 @@ class LayerSync:
                 if not all(meeting) or len(keys) != 1:
                     raise PassesOutOfStep(f"the passes of one UNet call reached different layers: {sorted(map(str, keys))}")
                 self.check_interrupt()
-                self.meetings += 1
                 outs = values[0].combine([v.payload for v in values])
                 del meeting, keys
                 for v in values:  # a resumed pass frees what it brought while the others still wait
                     v.payload = None
                 # what the passes freed between the blocks they hold goes back to the system once
-                # it adds up (glibc keeps such pages: stem.memory.return_free_memory, HandBack)
+                # it adds up (glibc keeps such pages: stem.allocator)
                 if hand_back.due():
                     return_free_memory()
                     hand_back.done()
@@ -145,7 +144,7 @@ def make_pass_wrapper(frames_per_pass: Callable[[torch.Tensor, dict], int], sync
     its own frames (per-frame, or groups aligned with the passes) and they run one by one."""
 
     def run_in_passes(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-        chunks = len(transformer_options.get("cond_or_uncond") or [0])
+        chunks = chunk_count(transformer_options)
         B = x.shape[0]
         n = frames_per_pass(x, transformer_options)
         if n <= 0 or n >= B // chunks:

@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from ..stem.memory import return_free_memory
+from ...stem.allocator import return_free_memory
 
 
 def free_memory(device: torch.device | str | None = None) -> int | None:
@@ -27,7 +27,7 @@ def human_bytes(n: float) -> str:
 @contextlib.contextmanager
 def returning_memory():
     """Around a node's long run: however it ends (done, cancelled, failed), the memory it freed
-    goes back to the system (``stem.memory.return_free_memory``), so the server's resident memory
+    goes back to the system (``stem.allocator.return_free_memory``), so the server's resident memory
     is back at its level before the run."""
     try:
         yield

@@ -1,4 +1,4 @@
-"""The pass machinery of nodes/host_passes.py on plain tensors and functions (no ComfyUI)."""
+"""The pass machinery of nodes/host/passes.py on plain tensors and functions (no ComfyUI)."""
 from __future__ import annotations
 
 import sys
@@ -12,7 +12,7 @@ from unit_imports import PACK, load_pack
 @pytest.fixture(scope="module")
 def passes():
     load_pack()
-    return sys.modules[f"{PACK}.nodes.host_passes"]
+    return sys.modules[f"{PACK}.nodes.host.passes"]
 
 
 def test_pass_rows_cut_every_chunk_alike(passes):
@@ -38,8 +38,10 @@ def test_cut_takes_the_rows_of_per_row_values_only(passes):
 
 
 def test_passes_meet_at_every_layer_in_order_and_get_their_own_share(passes):
-    """Three passes, two layers: each layer is combined once over all passes' payloads."""
-    sync = passes.LayerSync(check_interrupt=lambda: None)
+    """Three passes, two layers: each layer is combined once over all passes' payloads, and Cancel
+    is checked at each meeting."""
+    checks = []
+    sync = passes.LayerSync(check_interrupt=lambda: checks.append(1))
     combined = []
 
     def combine(payloads):
@@ -54,7 +56,7 @@ def test_passes_meet_at_every_layer_in_order_and_get_their_own_share(passes):
         return run
 
     out = sync.run([a_pass(i) for i in range(3)])
-    assert combined == [[0, 1, 2], [30, 31, 32]] and sync.meetings == 2
+    assert combined == [[0, 1, 2], [30, 31, 32]] and len(checks) == 2
     assert out == [930 + 30, 930 + 31, 930 + 32]
 
 

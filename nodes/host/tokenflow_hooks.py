@@ -17,21 +17,17 @@ The maths lives in ``stem.tokenflow``; the hooks only route tensors to it.
 from __future__ import annotations
 
 import contextvars
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..stem.tokenflow import NNFields, batch_fields, keyframe_attention, keyframe_attention_passes, propagate_outputs
-from .host_model import PnPLayout, attention_precision, attn1_sites, pnp_layout, refuse_split_frames, site_key
-from .host_passes import WRAPPER_KEY as PASSES_WRAPPER_KEY
+from ...stem.tokenflow import NNFields, batch_fields, keyframe_attention, keyframe_attention_passes, propagate_outputs
+from .layer import attention_precision, refuse_split_frames, site_key
+from .passes import WRAPPER_KEY as PASSES_WRAPPER_KEY
+from .pnp import PnPLayout, pnp_layout
+from .unet import attn1_sites
 
-# REFERENCE §5.2 on SD1.x/SD2.x: decoder self-attentions 4..11 get the source's q and k; the
-# residual branch of output_blocks[4][0] (diffusers up_blocks[1].resnets[1]) gets the source's
-# features. Other UNets (SDXL) get the same rule from their module tree: host_model.pnp_layout.
-PNP_ATTN_OUTPUT_BLOCKS = range(4, 12)
-PNP_FEATURE_MODULE = "diffusion_model.output_blocks.4.0.out_layers"
 WRAPPER_KEY = "comfyui-stem.tokenflow"
 CONTEXT_KEY = "stem_tokenflow"
 PNP_KEY = "stem_pnp_attention"  # transformer_options of the edit model: the q/k injection sites
@@ -87,9 +83,8 @@ class PassContext:
     use_true_positions: bool
     keyframe_record: KeyframeRecord
     source: SourceRecord = field(default_factory=SourceRecord)
-    calls: Counter = field(default_factory=Counter)  # (hook, block) -> count, for tests and debugging
-    # keyframes split into several passes (issue 10): the LayerSync where their edit branches'
-    # extended attention meets, so that it spans the keyframes of every pass
+    # keyframes split into several passes: the LayerSync where their edit branches' extended
+    # attention meets, so that it spans the keyframes of every pass
     sync: Any = None
 
 
@@ -121,7 +116,6 @@ def norm_patch(n, context, value, extra_options):
         return n, context, value
     refuse_split_frames(extra_options)
     key = site_key(extra_options)
-    ctx.calls["norm", key] += 1
     for c, part in _branches(n, _layout(extra_options)):
         if c != SOURCE:
             continue
@@ -146,7 +140,6 @@ def attn_replace(q, k, v, extra_options):
     if ctx.kind == PROPAGATION:
         return torch.zeros_like(q)
     key = site_key(extra_options)
-    ctx.calls["attn", key] += 1
     layout = _layout(extra_options)
     pnp = ctx.inject_attention and key in extra_options.get(PNP_KEY, ())
     parts = {c: (qc, kc, vc) for (c, qc), (_, kc), (_, vc) in zip(_branches(q, layout), _branches(k, layout),
@@ -155,15 +148,7 @@ def attn_replace(q, k, v, extra_options):
         ctx.source.qk[key] = parts[SOURCE][:2]
     work = attention_precision(extra_options, q.dtype)
     outs = {SOURCE: optimized_attention(*parts[SOURCE], heads, attn_precision=precision)} if SOURCE in parts else {}
-    edits = {}
-    for c in layout:
-        if c == SOURCE:
-            continue
-        source_qk = None
-        if pnp:
-            ctx.calls["pnp_qk", key] += 1
-            source_qk = _need(ctx.source.qk, key, "source q/k")
-        edits[c] = (*parts[c], source_qk)
+    edits = {c: (*parts[c], _need(ctx.source.qk, key, "source q/k") if pnp else None) for c in layout if c != SOURCE}
     if ctx.sync is None:
         outs.update({c: keyframe_attention(qc, kc, vc, heads, sqk, work) for c, (qc, kc, vc, sqk) in edits.items()})
     else:  # keyframes in several passes: attend over the keyframes of all of them
@@ -192,7 +177,6 @@ def output_patch(n, extra_options):
     if ctx is None:
         return n
     key = site_key(extra_options)
-    ctx.calls["out", key] += 1
     layout = _layout(extra_options)
     recorded = ctx.keyframe_record.outputs.setdefault(key, {})
     if ctx.kind == KEYFRAMES:
@@ -211,13 +195,9 @@ class FeatureInjection(torch.nn.Sequential):
     """``out_layers`` of output_blocks[4][0] with the PnP feature injection (REFERENCE §5.2).
 
     It holds the original layers under their own names, so weight patches (LoRA) that address
-    ``...out_layers.3.weight`` still find them. Installed with ``add_object_patch`` at ``site``
-    (``PNP_FEATURE_MODULE`` on SD1.x/SD2.x; see ``host_model.pnp_layout``).
+    ``...out_layers.3.weight`` still find them. Installed with ``add_object_patch`` where
+    ``pnp.pnp_layout`` says (``output_blocks.4.0.out_layers`` on SD1.x/SD2.x).
     """
-
-    def __init__(self, site: str, *layers):
-        super().__init__(*layers)
-        self.site = site
 
     def forward(self, h):
         h = super().forward(h)
@@ -225,13 +205,11 @@ class FeatureInjection(torch.nn.Sequential):
         if current is None:
             return h
         ctx, layout = current
-        ctx.calls["features", self.site] += 1
         parts = dict(_branches(h, layout))
         if SOURCE in parts:
             ctx.source.features = parts[SOURCE]
         if not ctx.inject_features or list(parts) == [SOURCE]:
             return h
-        ctx.calls["pnp_features", self.site] += 1
         if ctx.source.features is None:
             raise SourceMissing("source features")
         src = ctx.source.features.to(h.dtype)
@@ -279,6 +257,6 @@ def build_edit_model(model, layout: PnPLayout | None = None):
     for block, idx, tidx in attn1_sites(m):
         m.set_model_attn1_replace(attn_replace, block, idx, tidx)
     m.set_model_attn1_output_patch(output_patch)
-    m.add_object_patch(layout.features, FeatureInjection(layout.features, *m.get_model_object(layout.features)))
+    m.add_object_patch(layout.features, FeatureInjection(*m.get_model_object(layout.features)))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, source_swap)
     return m

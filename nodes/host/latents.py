@@ -5,8 +5,8 @@ import logging
 
 import torch
 
-from ..stem.inversion import Inversion
-from .host_base import StemError
+from ...stem.inversion import Inversion
+from .pack import StemError
 
 log = logging.getLogger("ComfyUI-STEM")
 

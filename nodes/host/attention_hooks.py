@@ -1,0 +1,133 @@
+"""STEM and inflated attention on every self-attention of a UNet: the attn1 hooks and the patched
+clone that carries them (the maths is ``stem.attention``'s)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ...stem.attention import (
+    attend_shared,
+    full_attention,
+    full_attention_bytes,
+    gathered_keys_values,
+    stem_attention,
+    stem_bases,
+)
+from .layer import attention_precision, chunk_count, refuse_split_frames
+from .memory import free_memory
+from .pack import StemError
+from .passes import SHARED_KEY, WRAPPER_KEY, attention_meeting, joined, make_pass_wrapper, parted, projection_meeting
+from .plans import plan_for_call
+from .settings import AttentionSettings
+from .unet import attn1_sites, memory_profile
+
+# inflated attention may use at most this share of the free memory of its device
+INFLATED_MEMORY_SHARE = 0.5
+
+
+def _attn1(attend, shared=None):
+    """The attn1 hooks of a mode: ``(replace, patch)``.
+
+    ``attend(q, k, v, extra_options)`` is the mode's attention over one batch. In a clip run in
+    passes, ``shared(keys, values, extra_options)`` (whole-clip groups) makes what every pass
+    attends to, once per layer: the passes meet in the attn1 ``patch`` before their projections
+    (``passes.projection_meeting``) and the replacement attends each pass's queries to it.
+    Without ``shared`` (groups that may straddle passes; ``patch`` is None) the passes meet in
+    the replacement: the layer is joined into one batch for ``attend`` and cut up again.
+    """
+
+    def combine(payloads):
+        qs, ks, vs, options = (list(x) for x in zip(*payloads))
+        chunks = chunk_count(options[0])
+        whole = attend(joined(qs, chunks), joined(ks, chunks), joined(vs, chunks), options[0])
+        return parted(whole, qs, chunks)
+
+    def replace_attention(q, k, v, extra_options):
+        refuse_split_frames(extra_options)
+        made = extra_options.pop(SHARED_KEY, None)  # a pass that met the others before its projections
+        if made is not None:
+            return attend_shared(q, *made, extra_options["n_heads"], chunk_count(extra_options),
+                                 attention_precision(extra_options, q.dtype))
+        met = attention_meeting(extra_options, q, k, v, combine)  # a pass of a clip in passes
+        if met is not None:
+            return met
+        return attend(q, k, v, extra_options)
+
+    def patch(n, context, value, extra_options):
+        return projection_meeting(n, context, value, extra_options, shared)
+
+    return replace_attention, (patch if shared is not None else None)
+
+
+def inflated_hooks(settings: AttentionSettings):
+    """Inflated attention: every frame attends to every frame of its group (the STEM paper's
+    "radical" baseline), through SDPA's memory-efficient path. Before each layer it estimates
+    the memory and refuses a clip that would not fit. Returns ``(replace, patch)`` (see
+    :func:`_attn1`)."""
+    group_size = settings.group_size
+
+    def check_memory(rows: int, chunks: int, q, heads: int) -> None:
+        """Refuse a layer whose attention over ``rows`` frames (all passes) would not fit."""
+        frames = rows // chunks
+        group = min(frames, group_size or frames)
+        need = full_attention_bytes(group, q.shape[1], q.shape[2], heads, num_groups=rows // group,
+                                    element_size=q.element_size())
+        free = free_memory(q.device)
+        if free is not None and need > INFLATED_MEMORY_SHARE * free:
+            raise StemError(
+                f"inflated attention over {group} frames of {q.shape[1]} tokens needs about {need / 2**30:.2f} GiB "
+                f"in one layer, over the limit of {INFLATED_MEMORY_SHARE * free / 2**30:.2f} GiB "
+                f"({int(INFLATED_MEMORY_SHARE * 100)}% of the {free / 2**30:.2f} GiB free); use attention 'stem', "
+                "fewer frames, a smaller size, or 'chunks of n frames'"
+            )
+
+    def attend(q, k, v, options):
+        check_memory(q.shape[0], chunk_count(options), q, options["n_heads"])
+        return full_attention(q, k, v, options["n_heads"], num_chunks=chunk_count(options),
+                              frames_per_group=group_size, precision=attention_precision(options, q.dtype))
+
+    def shared(ks, vs, options):
+        check_memory(sum(k.shape[0] for k in ks), chunk_count(options), ks[0], options["n_heads"])
+        return gathered_keys_values(ks, vs, options["n_heads"], chunk_count(options),
+                                    attention_precision(options, ks[0].dtype))
+
+    return _attn1(attend, None if group_size else shared)
+
+
+def stem_hooks(settings: AttentionSettings):
+    """STEM attention's attn1 hooks ``(replace, patch)`` (see :func:`_attn1`); the replacement
+    is ``p(q, k, v, extra_options) -> out`` with ``[B, N, heads*d]``.
+
+    Closures over the frozen settings, so ``clone()`` deep-copies nothing large. Each cond/uncond
+    chunk of the batch is one group (or consecutive groups of n frames).
+    """
+    group_size = settings.group_size
+
+    def attend(q, k, v, options):
+        return stem_attention(q, k, v, options["n_heads"], num_chunks=chunk_count(options),
+                              frames_per_group=group_size, em=settings.layer_em(options),
+                              precision=attention_precision(options, q.dtype))
+
+    def shared(ks, vs, options):
+        return stem_bases(ks, vs, options["n_heads"], chunk_count(options), settings.layer_em(options))
+
+    return _attn1(attend, None if group_size else shared)
+
+
+def patched_model(model, settings: AttentionSettings):
+    """A clone of ``model`` with ``settings.mode`` on every self-attention layer: 'stem',
+    'inflated', or 'per-frame' (SD's own, left as it is), and its calls in passes."""
+    import comfy.patcher_extension
+
+    settings = replace(settings, profile=memory_profile(model))
+    m = settings.on(model)
+    if settings.mode != "per-frame":
+        replace_attention, patch = (stem_hooks if settings.mode == "stem" else inflated_hooks)(settings)
+        for block, idx, tidx in attn1_sites(m):
+            m.set_model_attn1_replace(replace_attention, block, idx, tidx)
+        if patch is not None:  # passes meet before the projections (acts only in a clip run in passes)
+            m.set_model_attn1_patch(patch)
+    # clips too long for one UNet call run in passes; the passes meet at every self-attention
+    # where it spans more than their own frames (stem, inflated)
+    wrapper = make_pass_wrapper(plan_for_call, synchronised=settings.mode != "per-frame")
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
+    return m
