@@ -10,6 +10,8 @@ per cond/uncond branch (ComfyUI never splits one cond's frames across a chunk).
   "inflated" attention of the STEM paper.
 - :func:`stem_attention`: every frame's queries attend to the EM bases of its group
   (REFERENCE §4).
+- :func:`sparse_causal_attention`: FateZero's spatial-temporal attention, every frame's queries
+  attending to the tokens of the previous and the first frame of its chunk.
 - :func:`stem_attention_passes` / :func:`full_attention_passes`: the same over one group per
   chunk whose frames come in several passes (a clip too long for one UNet call): the bases
   (:func:`stem_bases`), or the keys and values attended to (:func:`gathered_keys_values`), span
@@ -257,3 +259,50 @@ def stem_attention(
         return F.scaled_dot_product_attention(qg, mu.to(qg.dtype), v_bases.to(qg.dtype))
 
     return _apply_grouped(_upcast(attend, precision), q, k, v, heads, num_chunks, frames_per_group)
+
+
+# FateZero's SparseCausalAttention_index default (docs/FATEZERO.md §3): the previous frame (clamped
+# to the clip), then the first.
+SPARSE_CAUSAL_FRAMES = (-1, "first")
+
+
+def sparse_causal_frames(num_frames: int, index=SPARSE_CAUSAL_FRAMES) -> list[list[int]]:
+    """For each entry of ``index``, the frame every frame attends to: an int is an offset clamped to
+    the clip, 'first', 'last' and 'mid' are frames 0, F-1 and (F-1)//2 (FateZero's rule)."""
+    named = {"first": 0, "last": num_frames - 1, "mid": (num_frames - 1) // 2}
+    out = []
+    for entry in index:
+        if isinstance(entry, str):
+            out.append([named[entry]] * num_frames)
+        else:
+            out.append([min(max(f + int(entry), 0), num_frames - 1) for f in range(num_frames)])
+    return out
+
+
+def sparse_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    num_chunks: int = 1,
+    precision: torch.dtype | None = None,
+    index=SPARSE_CAUSAL_FRAMES,
+) -> torch.Tensor:
+    """FateZero's spatial-temporal self-attention (docs/FATEZERO.md §3): frame f of each chunk attends
+    to the tokens of the frames :func:`sparse_causal_frames` gives, concatenated in that order
+    (by default its previous frame, then the first; frame 0 attends to itself twice, which is
+    attention to itself). Memory: keys and values of ``len(index)`` frames per frame."""
+    B, N, E = q.shape
+    if num_chunks < 1 or B % num_chunks:
+        raise ValueError(f"batch of {B} frames does not split into {num_chunks} equal chunks")
+    frames = sparse_causal_frames(B // num_chunks, index)
+
+    def gathered(x: torch.Tensor) -> torch.Tensor:
+        chunks = x.view(num_chunks, B // num_chunks, N, E)
+        g = torch.cat([chunks[:, f] for f in frames], dim=2)  # [c, F, len(index) * N, E]
+        return g.reshape(B, len(frames) * N, heads, E // heads).transpose(1, 2)
+
+    qh = q.view(B, N, heads, E // heads).transpose(1, 2)
+    out = _upcast(F.scaled_dot_product_attention, precision)(qh, gathered(k), gathered(v))
+    return out.transpose(1, 2).reshape(B, N, E)
+
