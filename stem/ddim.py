@@ -122,6 +122,8 @@ def rescale(x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor
 EpsFn = Callable[[torch.Tensor, float], torch.Tensor]
 # callback(i, x, x0_hat): after step i, the new latent and the step's clean-latent estimate
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+# keep(i, x) -> x: stores step i's latent and returns it as stored
+KeepFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def eps_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -134,7 +136,8 @@ def eps_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> 
 
 
 def ddim_invert(
-    x0: torch.Tensor, eps_fn: EpsFn, sigmas: Sequence[float], callback: StepCallback | None = None
+    x0: torch.Tensor, eps_fn: EpsFn, sigmas: Sequence[float], callback: StepCallback | None = None,
+    keep: KeepFn | None = None,
 ) -> torch.Tensor:
     """DDIM inversion (REFERENCE §3) of the clean VP latent ``x0`` (VAE mean * 0.18215).
 
@@ -151,6 +154,8 @@ def ddim_invert(
         x_in = rescale(x, sigma_prev, sigma)  # the latent at sigma_prev, seen at timestep t
         eps = eps_fn(x_in, sigma)
         x = ddim_step(x, eps, sigma_prev, sigma)
+        if keep is not None:
+            x = keep(i, x)
         if callback is not None:
             callback(i, x, x_in - sigma * eps)
     return x

@@ -43,7 +43,11 @@ def invert(model, samples: torch.Tensor, conditioning, steps: int) -> Inversion:
     base = model.model
 
     def keep(i, x):
-        trajectory.append(base.process_latent_out(x.float()).cpu())
+        """Step i's latent in the LATENT scale it is stored in; the next step continues from what
+        that gives back in the model's scale (x / 0.18215 * 0.18215 is not always x in fp32)."""
+        stored = base.process_latent_out(x.float()).cpu()
+        trajectory.append(stored)
+        return base.process_latent_in(stored.to(x.device, x.dtype))
 
     g = _guider(model, conditioning)
     with returning_memory(), measure(model.load_device) as cost:

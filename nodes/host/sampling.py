@@ -45,23 +45,17 @@ def _comfy_callback(callback, sigmas):
     return on_step
 
 
-def inversion_sampler(record: Callable[[int, torch.Tensor], None]):
+def inversion_sampler(keep: Callable[[int, torch.Tensor], torch.Tensor]):
     """A KSAMPLER that runs :func:`stem.ddim.ddim_invert` over rising ``sigmas``
-    (``DDIMSchedule.inversion_sigmas``); the latent it gets is the clean one, and ``record``
-    receives every step's latent (the trajectory the edit reads)."""
+    (``DDIMSchedule.inversion_sigmas``); the latent it gets is the clean one, and ``keep`` stores
+    every step's latent (the trajectory the edit reads) and returns it as stored, the latent the
+    next step continues from."""
     import comfy.samplers
 
     @torch.no_grad()
     def sample_stem_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None):
         levels = [float(s) for s in sigmas]
-        preview = _comfy_callback(callback, levels[1:])
-
-        def on_step(i, x_i, x0_hat):
-            record(i, x_i)
-            if preview is not None:
-                preview(i, x_i, x0_hat)
-
-        return ddim_invert(x, _eps_fn(model, x, extra_args or {}), levels, on_step)
+        return ddim_invert(x, _eps_fn(model, x, extra_args or {}), levels, _comfy_callback(callback, levels[1:]), keep)
 
     return comfy.samplers.KSAMPLER(sample_stem_ddim_inversion)
 

@@ -598,10 +598,14 @@ def test_stem_invert_and_reconstruct_are_the_stem_ddim_loops(sd, inversions, mod
     # STEM's EM (tau 0.01) turns a rounding-level change of its input into a visible one
     up = torch.tensor(sched.inversion_sigmas, dtype=torch.float32).tolist()
     traj = []
+
+    def keep(i, x):  # as STEM Invert stores the trajectory and continues from it
+        traj.append(base.process_latent_out(x))
+        return base.process_latent_in(traj[-1])
+
     with torch.inference_mode():
         eps_fn = model_as_eps(model, cond)
-        sd.ddim.ddim_invert(base.process_latent_in(sd.latent["samples"].float()), eps_fn, up,
-                            lambda i, x, x0: traj.append(base.process_latent_out(x)))
+        sd.ddim.ddim_invert(base.process_latent_in(sd.latent["samples"].float()), eps_fn, up, keep=keep)
         back = base.process_latent_out(sd.ddim.ddim_sample(base.process_latent_in(inv.noisiest), eps_fn, up[::-1]))
     # depth: ~100 layers a UNet call, STEPS calls
     harness.assert_fp32_close(inv.latents[1:], torch.stack(traj), depth=100 * STEPS)

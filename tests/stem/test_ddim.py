@@ -235,3 +235,29 @@ def test_bad_step_counts_are_refused():
         ddim_timesteps(0)
     with pytest.raises(ValueError, match="steps"):
         ddim_timesteps(1001)
+
+
+def test_inversion_continues_from_each_latent_as_kept():
+    """``keep`` stores every step's latent and the next step starts from what it returns, so a
+    stored trajectory (here rounded to half precision) is exactly the one the inversion used."""
+    from stem.ddim import DDIMSchedule, ddim_invert, ddim_step, rescale
+
+    sigmas = DDIMSchedule.create(4).inversion_sigmas
+    x0 = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+
+    def eps_fn(x, sigma):
+        return torch.sin(x) * 0.3 + sigma * 0.01
+
+    stored = []
+
+    def keep(i, x):
+        stored.append(x.half())
+        return stored[-1].float()
+
+    out = ddim_invert(x0, eps_fn, sigmas, keep=keep)
+    x = x0 * (1 + sigmas[0] ** 2) ** 0.5
+    for i in range(4):
+        x = ddim_step(x, eps_fn(rescale(x, sigmas[i], sigmas[i + 1]), sigmas[i + 1]), sigmas[i], sigmas[i + 1])
+        assert torch.equal(stored[i], x.half())
+        x = x.half().float()
+    assert len(stored) == 4 and torch.equal(out, x)
