@@ -31,7 +31,9 @@ class STEMAttentionPatch:
                                       "tooltip": "stem: every frame attends to EM bases of its clip (the paper). inflated: every frame "
                                                  "attends to every frame (full spatio-temporal attention; memory grows with the "
                                                  "square of the frame count, refused when it would not fit). per-frame: SD's own "
-                                                 "attention, for a baseline."}),
+                                                 "attention, for a baseline. sparse-causal: FateZero's (each frame attends "
+                                                 "to the previous and the first frame), to invert a clip for FateZero Edit "
+                                                 "as FateZero does."}),
                 "num_bases": ("INT", {"default": DEFAULT_NUM_BASES, "min": 1, "max": 4096,
                                       "tooltip": "Bases per head (the paper's 256). Fewer is faster and smoother; more keeps more detail."}),
                 "em_iters": ("INT", {"default": DEFAULT_EM_ITERS, "min": 1, "max": 50,

@@ -162,20 +162,24 @@ def ddim_invert(
 
 
 def ddim_sample(
-    x: torch.Tensor, eps_fn: EpsFn, sigmas: Sequence[float], callback: StepCallback | None = None
+    x: torch.Tensor, eps_fn: EpsFn, sigmas: Sequence[float], callback: StepCallback | None = None,
+    keep: KeepFn | None = None,
 ) -> torch.Tensor:
     """Plain DDIM (eta = 0) from the k-diffusion latent ``x`` at ``sigmas[0]`` down the falling
     ``sigmas``, whose last entry is the final level ``abar[0]``
     (:attr:`DDIMSchedule.sampling_sigmas`).
 
     Returns the VP latent at that final level, which is what the reference hands to the VAE
-    (``x * sqrt(abar[0])``, REFERENCE §3).
+    (``x * sqrt(abar[0])``, REFERENCE §3). ``keep(i, x)`` returns the latent step i+1 starts from
+    (FateZero's latent blend changes it).
     """
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         eps = eps_fn(x, sigma)
         x0_hat = x - sigma * eps
         x = ddim_step(x, eps, sigma, sigma_next)
+        if keep is not None:
+            x = keep(i, x)
         if callback is not None:
             callback(i, x, x0_hat)
     return to_vp(x, float(sigmas[-1]))

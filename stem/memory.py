@@ -17,6 +17,9 @@ of a given size, :func:`plan_passes` picks the size, and :func:`tokenflow_step_b
   plus three first-level tensors).
 - Inflated attention, and TokenFlow's keyframes in passes, also gather every frame's keys and
   values of a layer at once (``gathered``).
+- A FateZero step runs each branch (source, target, negative) in passes of its own frames that
+  wait in the attention, and makes explicit cross-attention probabilities a block at a time
+  (:func:`fatezero_step_bytes`).
 - TokenFlow keeps, for the propagation passes, each keyframe's source ``norm1(x)`` and every
   branch's self-attention output at every self-attention (``record_bytes`` per keyframe: 4
   tensors of ``record_values`` values per first-level token).
@@ -141,3 +144,26 @@ def plan_tokenflow(keyframes: CallShape, batch_size: int, free_bytes: int | None
         raise ValueError(f"need at least one keyframe, got {keyframes.frames}")
     return _search(keyframes.frames, keyframes_per_pass, free_bytes, share, lambda n: PassPlan(
         keyframes.frames, n, keyframes.rows_per_frame, tokenflow_step_bytes(keyframes, batch_size, n)))
+
+
+# FateZero's explicit cross-attention probabilities are made this much at a time (source, target,
+# controlled), docs/FATEZERO.md §8
+PROBABILITY_BLOCK_BYTES = 64 * 2**20
+
+
+def fatezero_step_bytes(clip: CallShape, frames_per_pass: int) -> int:
+    """Peak bytes above the loaded model of a FateZero edit step over ``clip.frames`` frames in
+    ``clip.rows_per_frame`` branches (3: source, target, negative; 2 without CFG), each branch
+    in passes of ``frames_per_pass`` frames that wait in the attention while one computes."""
+    branches = replace(clip, frames=clip.frames * clip.rows_per_frame, rows_per_frame=1)
+    return call_bytes(branches, frames_per_pass, holds_qkv=True) + 3 * PROBABILITY_BLOCK_BYTES
+
+
+def plan_fatezero(clip: CallShape, free_bytes: int | None, frames_per_pass: int = 0,
+                  share: float = DEFAULT_SHARE) -> tuple[PassPlan, bool]:
+    """:func:`plan_passes` for a FateZero edit: frames a pass of each branch (0 = the most that fit)."""
+    if clip.frames < 1:
+        raise ValueError(f"need at least one frame, got {clip.frames}")
+    return _search(clip.frames, frames_per_pass, free_bytes, share,
+                   lambda n: PassPlan(clip.frames, n, clip.rows_per_frame, fatezero_step_bytes(clip, n)))
+

@@ -9,6 +9,7 @@ from ...stem.attention import (
     full_attention,
     full_attention_bytes,
     gathered_keys_values,
+    sparse_causal_attention,
     stem_attention,
     stem_bases,
 )
@@ -58,6 +59,53 @@ def _attn1(attend, shared=None):
     return replace_attention, (patch if shared is not None else None)
 
 
+def _check_inflated_memory(rows: int, chunks: int, q, heads: int, group_size: int | None) -> None:
+    """Refuse an inflated layer whose attention over ``rows`` frames (all passes) would not fit."""
+    frames = rows // chunks
+    group = min(frames, group_size or frames)
+    need = full_attention_bytes(group, q.shape[1], q.shape[2], heads, num_groups=rows // group,
+                                element_size=q.element_size())
+    free = free_memory(q.device)
+    if free is not None and need > INFLATED_MEMORY_SHARE * free:
+        raise StemError(
+            f"inflated attention over {group} frames of {q.shape[1]} tokens needs about {need / 2**30:.2f} GiB "
+            f"in one layer, over the limit of {INFLATED_MEMORY_SHARE * free / 2**30:.2f} GiB "
+            f"({int(INFLATED_MEMORY_SHARE * 100)}% of the {free / 2**30:.2f} GiB free); use attention 'stem', "
+            "fewer frames, a smaller size, or 'chunks of n frames'"
+        )
+
+
+def attention_function(settings: AttentionSettings | None):
+    """``attend(q, k, v, extra_options) -> out`` of a mode over one batch (``[B, N, heads*d]``, each
+    cond chunk its own clip): STEM (its layer's seeded EM), inflated (refused when it would not
+    fit), sparse-causal, or SD's own per-frame attention (ComfyUI's, as an unpatched layer runs
+    it; also for None, an unpatched model)."""
+    mode = "per-frame" if settings is None else settings.mode
+    group_size = None if settings is None else settings.group_size
+
+    def stem(q, k, v, options):
+        return stem_attention(q, k, v, options["n_heads"], num_chunks=chunk_count(options),
+                              frames_per_group=group_size, em=settings.layer_em(options),
+                              precision=attention_precision(options, q.dtype))
+
+    def inflated(q, k, v, options):
+        _check_inflated_memory(q.shape[0], chunk_count(options), q, options["n_heads"], group_size)
+        return full_attention(q, k, v, options["n_heads"], num_chunks=chunk_count(options),
+                              frames_per_group=group_size, precision=attention_precision(options, q.dtype))
+
+    def sparse_causal(q, k, v, options):
+        return sparse_causal_attention(q, k, v, options["n_heads"], num_chunks=chunk_count(options),
+                                       precision=attention_precision(options, q.dtype))
+
+    def per_frame(q, k, v, options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        return optimized_attention(q, k, v, options["n_heads"], attn_precision=options.get("attn_precision"),
+                                   transformer_options=options)
+
+    return {"stem": stem, "inflated": inflated, "sparse-causal": sparse_causal, "per-frame": per_frame}[mode]
+
+
 def inflated_hooks(settings: AttentionSettings):
     """Inflated attention: every frame attends to every frame of its group (the STEM paper's
     "radical" baseline), through SDPA's memory-efficient path. Before each layer it estimates
@@ -65,32 +113,13 @@ def inflated_hooks(settings: AttentionSettings):
     :func:`_attn1`)."""
     group_size = settings.group_size
 
-    def check_memory(rows: int, chunks: int, q, heads: int) -> None:
-        """Refuse a layer whose attention over ``rows`` frames (all passes) would not fit."""
-        frames = rows // chunks
-        group = min(frames, group_size or frames)
-        need = full_attention_bytes(group, q.shape[1], q.shape[2], heads, num_groups=rows // group,
-                                    element_size=q.element_size())
-        free = free_memory(q.device)
-        if free is not None and need > INFLATED_MEMORY_SHARE * free:
-            raise StemError(
-                f"inflated attention over {group} frames of {q.shape[1]} tokens needs about {need / 2**30:.2f} GiB "
-                f"in one layer, over the limit of {INFLATED_MEMORY_SHARE * free / 2**30:.2f} GiB "
-                f"({int(INFLATED_MEMORY_SHARE * 100)}% of the {free / 2**30:.2f} GiB free); use attention 'stem', "
-                "fewer frames, a smaller size, or 'chunks of n frames'"
-            )
-
-    def attend(q, k, v, options):
-        check_memory(q.shape[0], chunk_count(options), q, options["n_heads"])
-        return full_attention(q, k, v, options["n_heads"], num_chunks=chunk_count(options),
-                              frames_per_group=group_size, precision=attention_precision(options, q.dtype))
-
     def shared(ks, vs, options):
-        check_memory(sum(k.shape[0] for k in ks), chunk_count(options), ks[0], options["n_heads"])
+        _check_inflated_memory(sum(k.shape[0] for k in ks), chunk_count(options), ks[0], options["n_heads"],
+                               group_size)
         return gathered_keys_values(ks, vs, options["n_heads"], chunk_count(options),
                                     attention_precision(options, ks[0].dtype))
 
-    return _attn1(attend, None if group_size else shared)
+    return _attn1(attention_function(settings), None if group_size else shared)
 
 
 def stem_hooks(settings: AttentionSettings):
@@ -100,28 +129,30 @@ def stem_hooks(settings: AttentionSettings):
     Closures over the frozen settings, so ``clone()`` deep-copies nothing large. Each cond/uncond
     chunk of the batch is one group (or consecutive groups of n frames).
     """
-    group_size = settings.group_size
-
-    def attend(q, k, v, options):
-        return stem_attention(q, k, v, options["n_heads"], num_chunks=chunk_count(options),
-                              frames_per_group=group_size, em=settings.layer_em(options),
-                              precision=attention_precision(options, q.dtype))
 
     def shared(ks, vs, options):
         return stem_bases(ks, vs, options["n_heads"], chunk_count(options), settings.layer_em(options))
 
-    return _attn1(attend, None if group_size else shared)
+    return _attn1(attention_function(settings), None if settings.group_size else shared)
+
+
+def sparse_causal_hooks(settings: AttentionSettings):
+    """FateZero's sparse-causal attention (each frame attends to the previous and the first frame):
+    a frame's neighbours may lie in another pass, so passes meet in the replacement (see
+    :func:`_attn1`)."""
+    return _attn1(attention_function(settings))
 
 
 def patched_model(model, settings: AttentionSettings):
     """A clone of ``model`` with ``settings.mode`` on every self-attention layer: 'stem',
-    'inflated', or 'per-frame' (SD's own, left as it is), and its calls in passes."""
+    'inflated', 'sparse-causal' or 'per-frame' (SD's own, left as it is), and its calls in passes."""
     import comfy.patcher_extension
 
     settings = replace(settings, profile=memory_profile(model))
     m = settings.on(model)
     if settings.mode != "per-frame":
-        replace_attention, patch = (stem_hooks if settings.mode == "stem" else inflated_hooks)(settings)
+        hooks = {"stem": stem_hooks, "inflated": inflated_hooks, "sparse-causal": sparse_causal_hooks}[settings.mode]
+        replace_attention, patch = hooks(settings)
         for block, idx, tidx in attn1_sites(m):
             m.set_model_attn1_replace(replace_attention, block, idx, tidx)
         if patch is not None:  # passes meet before the projections (acts only in a clip run in passes)

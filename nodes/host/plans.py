@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ...stem.memory import DEFAULT_SHARE, CallShape, PassPlan, plan_passes, plan_tokenflow
+from ...stem.memory import DEFAULT_SHARE, CallShape, PassPlan, plan_fatezero, plan_passes, plan_tokenflow
 from .layer import chunk_count
 from .memory import free_memory
 from .pack import StemError
@@ -95,6 +95,18 @@ def plan_edit(model, latent: torch.Tensor, keyframes: int, batch_size: int, bran
                                    f"frames, {_estimate(p)}",
                          "Use a smaller batch_size (fewer frames a propagation pass), or "
                          f"{FEWER_FRAMES}", "keyframes_per_pass")
+
+
+def plan_fatezero_edit(model, latent: torch.Tensor, branches: int, requested: int,
+                       node: str = "FateZero Edit") -> PassPlan:
+    """A FateZero edit's plan: frames a pass of each branch (``requested``, 0 = the most that fit),
+    its estimate (``stem.memory.fatezero_step_bytes``), logged; refuses what cannot fit."""
+    call = CallShape(latent.shape[0], latent.shape[-2] * latent.shape[-1], branches, _element_size(model),
+                     memory_profile(model))
+    free = _free_for_run(model)
+    return _fitting_plan(node, lambda n: plan_fatezero(call, free, n), requested, free,
+                         lambda p: f"{p.frames} frames of {branches} branches in {_pass_count(p)} each, {_estimate(p)}",
+                         f"Use {FEWER_FRAMES}", "frames_per_pass")
 
 
 def with_plan(model, plan: PassPlan):

@@ -12,14 +12,32 @@ from typing import Callable
 
 import torch
 
-from ...stem.ddim import DDIMSchedule, abar_from_sigma, ddim_invert, ddim_sample, eps_from_denoised
+from ...stem.ddim import DDIMSchedule, abar_from_sigma, ddim_invert, ddim_sample, ddim_timesteps, eps_from_denoised
+from ...stem.inversion import Inversion
 from .cancel import interrupted
+from .pack import StemError
 
 
 def model_schedule(model, steps: int) -> DDIMSchedule:
     """The reference DDIM schedule on the model's own noise levels (REFERENCE §2)."""
     ms = model.get_model_object("model_sampling")
     return DDIMSchedule.create(steps, abar_from_sigma(ms.sigmas.double().cpu()))
+
+
+def edit_levels(inv: Inversion, steps: int) -> tuple[list[int], list[float]]:
+    """Editing timesteps (noisiest first) and their levels plus the final one, taken from the
+    inversion so that the source branch always has its latent at the same level."""
+    ts = ddim_timesteps(steps)
+    missing = [t for t in ts if t not in inv.timesteps]
+    if missing:
+        raise StemError(
+            f"steps: {steps} editing steps need timesteps {missing[:4]}... that the {inv.steps}-step inversion "
+            f"does not have; use {inv.steps} steps, or a count whose spacing is a multiple of the inversion's "
+            f"(e.g. {inv.steps // 2 if inv.steps % 2 == 0 else inv.steps})"
+        )
+    sig = inv.sigmas.tolist()
+    levels = [sig[1 + inv.timesteps.index(t)] for t in ts] + [sig[0]]
+    return ts, levels
 
 
 def _eps_fn(model, x: torch.Tensor, extra_args: dict):
@@ -60,16 +78,17 @@ def inversion_sampler(keep: Callable[[int, torch.Tensor], torch.Tensor]):
     return comfy.samplers.KSAMPLER(sample_stem_ddim_inversion)
 
 
-def ddim_sampler():
+def ddim_sampler(keep: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
     """A KSAMPLER that runs :func:`stem.ddim.ddim_sample` over falling ``sigmas``
     (``DDIMSchedule.sampling_sigmas``) and returns the VP latent at the last level, which is
-    what the reference decodes (REFERENCE §3)."""
+    what the reference decodes (REFERENCE §3); ``keep(i, x)`` gives the latent step i+1 starts
+    from."""
     import comfy.samplers
 
     @torch.no_grad()
     def sample_stem_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None):
         levels = [float(s) for s in sigmas]
-        return ddim_sample(x, _eps_fn(model, x, extra_args or {}), levels, _comfy_callback(callback, levels))
+        return ddim_sample(x, _eps_fn(model, x, extra_args or {}), levels, _comfy_callback(callback, levels), keep)
 
     return comfy.samplers.KSAMPLER(sample_stem_ddim)
 

@@ -19,7 +19,7 @@ from .layer import layer_seed
 from .pack import StemError
 
 SETTINGS_KEY = "stem_attention"  # transformer_options entry of a patched MODEL
-MODES = ("stem", "inflated", "per-frame")
+MODES = ("stem", "inflated", "per-frame", "sparse-causal")
 GROUPINGS = ("whole clip", "chunks of n frames")
 WHOLE_CLIP, CHUNKS = GROUPINGS
 
@@ -105,6 +105,8 @@ class AttentionSettings:
         group = "the whole clip" if self.group_size is None else f"chunks of {self.group_size} frames"
         if self.mode == "inflated":
             return f"inflated attention over {group}"
+        if self.mode == "sparse-causal":
+            return "sparse-causal attention (each frame to the previous and the first frame)"
         return f"STEM attention ({self.em.num_bases} bases, {self.em.iters} EM iterations, seed {self.seed}) over {group}"
 
 
@@ -122,6 +124,6 @@ def same_attention(a: AttentionSettings | None, b: AttentionSettings | None) -> 
 def _what_it_computes(settings: AttentionSettings | None) -> tuple:
     if settings is None or settings.mode == "per-frame":
         return ("per-frame",)
-    if settings.mode == "inflated":
-        return ("inflated", settings.group_size)
+    if settings.mode in ("inflated", "sparse-causal"):
+        return (settings.mode, settings.group_size if settings.mode == "inflated" else None)
     return ("stem", settings.em, settings.seed, settings.group_size)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...stem.ddim import ddim_timesteps
 from ...stem.inversion import Inversion
 from ...stem.memory import PassPlan
 from ...stem.tokenflow import batch_ranges
@@ -21,7 +20,7 @@ from .pack import StemError
 from .plans import plan_edit
 from .pnp import PnPLayout, parse_blocks, pnp_layout
 from .progress import PassProgress
-from .sampling import ddim_sampler
+from .sampling import ddim_sampler, edit_levels
 from .settings import AttentionSettings
 from .tokenflow_hooks import build_edit_model
 from .unet import check_model, model_family
@@ -57,22 +56,6 @@ class RunTrace:
     plan: PassPlan | None = None  # keyframes a pass and the memory estimate
     layout: PnPLayout | None = None  # where the source was injected
     split_calls: bool = False  # ComfyUI could not batch the branches: the source ran first in every pass
-
-
-def edit_levels(inv: Inversion, steps: int) -> tuple[list[int], list[float]]:
-    """Editing timesteps (noisiest first) and their levels plus the final one, taken from the
-    inversion so that the source branch always has its latent at the same level."""
-    ts = ddim_timesteps(steps)
-    missing = [t for t in ts if t not in inv.timesteps]
-    if missing:
-        raise StemError(
-            f"steps: {steps} editing steps need timesteps {missing[:4]}... that the {inv.steps}-step inversion "
-            f"does not have; use {inv.steps} steps, or a count whose spacing is a multiple of the inversion's "
-            f"(e.g. {inv.steps // 2 if inv.steps % 2 == 0 else inv.steps})"
-        )
-    sig = inv.sigmas.tolist()
-    levels = [sig[1 + inv.timesteps.index(t)] for t in ts] + [sig[0]]
-    return ts, levels
 
 
 def window_threshold(levels: list[float], steps_in_window: int) -> float:

@@ -526,7 +526,7 @@ def test_v_prediction_models_invert_and_reconstruct(sd):
 
 def test_fewer_edit_steps_use_a_subset_of_the_inversion_timesteps(sd, inversions, monkeypatch):
     inv = inversions["stem"][1]  # timesteps 1, 251, 501, 751
-    ts, levels = sd.tf.edit_levels(inv, 2)
+    ts, levels = sd.sampling.edit_levels(inv, 2)
     assert ts == [501, 1]
     assert levels == [inv.sigmas[3].item(), inv.sigmas[1].item(), inv.sigmas[0].item()]
     seen = []
