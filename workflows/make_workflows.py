@@ -58,6 +58,7 @@ NODE_TYPES: dict[str, NodeType] = {
     "ImageStitch": NodeType(("direction", "match_image_size", "spacing_width", "spacing_color"),
                             (("image1", "IMAGE", False), ("image2", "IMAGE", True)), (("IMAGE", "IMAGE"),)),
     "CreateVideo": NodeType(("fps",), (("images", "IMAGE", False), ("audio", "AUDIO", True)), (("VIDEO", "VIDEO"),)),
+    "PrimitiveStringMultiline": NodeType(("value",), (), (("STRING", "STRING"),)),
     "SaveVideo": NodeType(("filename_prefix", "format", "codec"), (("video", "VIDEO", False),), ()),
     "Note": NodeType(("text",), (), (), virtual=True),
     "PreviewImage": NodeType((), (("images", "IMAGE", False),), ()),
@@ -90,10 +91,18 @@ NODE_TYPES: dict[str, NodeType] = {
          ("negative", "CONDITIONING", False), ("source_conditioning", "CONDITIONING", True),
          ("source_latent", "LATENT", True)),
         (("LATENT", "LATENT"),), control_after=("seed",), core=False),
+    "STEMFateZeroEdit": NodeType(
+        ("source_prompt", "target_prompt", "negative_prompt", "controller", "cross_replace_steps", "self_replace_steps",
+         "cfg", "reweight_words", "reweight", "blend_source_words", "blend_target_words", "blend_threshold",
+         "blend_latents", "attention", "seed", "steps", "frames_per_pass"),
+        (("model", "MODEL", False), ("clip", "CLIP", False), ("inversion", "STEM_INVERSION", False),
+         ("source_latent", "LATENT", True)),
+        (("LATENT", "LATENT"),), control_after=("seed",), core=False),
 }
 
 # Widget input types, where a link may replace the widget (UI "inputs" entry with "widget").
-WIDGET_TYPES = {("CreateVideo", "fps"): "FLOAT"}
+WIDGET_TYPES = {("CreateVideo", "fps"): "FLOAT", ("CLIPTextEncode", "text"): "STRING",
+                ("STEMFateZeroEdit", "source_prompt"): "STRING", ("STEMFateZeroEdit", "target_prompt"): "STRING"}
 
 NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
 DEFAULT_CLIP = "your_clip.mp4"
@@ -338,8 +347,78 @@ def attention_ksampler():
     return nodes
 
 
+def fatezero_edit():
+    text = (
+        "STEM inversion, edited by TokenFlow and by FateZero (the STEM paper's two editors)\n\n" + NOTE_SETUP +
+        "3. Prompts: 'Source text' says what the clip shows, 'Target text' what it should show; both editors "
+        "read them. FateZero's refine controller aligns the target's words with the source's: add words (a "
+        "style) or change some (for a word swap of as many words, choose 'replace').\n\n"
+        "One STEM inversion (50 steps, 256 bases) feeds both. TokenFlow Edit: the paper's defaults, FreeU on "
+        "its model. FateZero Edit: FateZero's zero-shot style defaults: refine, cross-attention from the "
+        "source in the first 0.8 of the steps, self-attention in the first 0.7, the style words reweighted "
+        "x10, an empty negative prompt. With a STEM inversion its fused self-attention is the source's bases "
+        "on the edit's values; its memory does not grow with the steps (the source's maps are recomputed). "
+        "For a shape edit, name the object in blend_source_words (and blend_target_words) to fuse only "
+        "outside it.\n\n"
+        "Video Metrics compares the two edits with the source: warp error (lower is steadier), and PSNR/SSIM "
+        "(how much of the source each keeps).\n\n"
+        "Output: ComfyUI/output/stem/ gets fatezero_edit_*.mp4 and edit_compare_*.mp4 (source | TokenFlow | "
+        "FateZero), the plot in the preview, and edit_metrics_*.csv.\n\n"
+        "Time: each editor costs about three times the inversion; on a CPU try size 256 and frame_load_cap 16."
+    )
+    source, target = "a man is playing tennis", "a man is playing tennis, watercolor painting"
+    return [
+        _note(1, (-480, 0), (440, 700), text),
+        _ckpt(2, (0, 0)),
+        _load_clip(3, (0, 150)),
+        N(4, "PrimitiveStringMultiline", (380, 0), (420, 120), {"value": source}, title="Source text"),
+        N(5, "PrimitiveStringMultiline", (380, 150), (420, 120), {"value": target}, title="Target text",
+          color="#232", bgcolor="#353"),
+        _prompt(6, (380, 600), (2, 1), NEGATIVE, "Negative prompt (TokenFlow)", "red"),
+        N(7, "CLIPTextEncode", (380, 300), (420, 100), {"text": source}, {"clip": (2, 1), "text": (4, 0)},
+          title="Source prompt"),
+        N(8, "CLIPTextEncode", (380, 450), (420, 100), {"text": target}, {"clip": (2, 1), "text": (5, 0)},
+          title="Target prompt", color="#232", bgcolor="#353"),
+        N(9, "VAEEncode", (380, 800), (210, 46), {}, {"pixels": (3, 0), "vae": (2, 2)}),
+        _stem_patch(10, (860, 0), (2, 0)),
+        N(11, "STEMInvert", (1240, 0), (320, 120), {"steps": 50},
+          {"model": (10, 0), "latent": (9, 0), "conditioning": (7, 0)}),
+        N(12, "FreeU", (860, 330), (320, 130), {"b1": 1.2, "b2": 1.4, "s1": 0.9, "s2": 0.2}, {"model": (2, 0)}),
+        N(13, "STEMTokenFlowEdit", (1240, 180), (340, 330),
+          {"cfg": 7.5, "pnp_attn_t": 0.5, "pnp_f_t": 0.8, "batch_size": 8, "seed": 1, "steps": 0,
+           "keyframe_positions": "reference (batch middle)", "keyframes_per_pass": 0, "pnp_attention_blocks": "auto",
+           "pnp_feature_block": -1},
+          {"model": (12, 0), "inversion": (11, 0), "positive": (8, 0), "negative": (6, 0), "source_latent": (9, 0)},
+          control={"seed": "fixed"}),
+        N(14, "STEMFateZeroEdit", (1240, 560), (360, 560),
+          {"source_prompt": source, "target_prompt": target, "negative_prompt": "", "controller": "refine",
+           "cross_replace_steps": 0.8, "self_replace_steps": 0.7, "cfg": 7.5, "reweight_words": "watercolor painting",
+           "reweight": 10.0, "blend_source_words": "", "blend_target_words": "", "blend_threshold": 0.3,
+           "blend_latents": False, "attention": "as the inversion", "seed": 1, "steps": 0, "frames_per_pass": 0},
+          {"model": (2, 0), "clip": (2, 1), "inversion": (11, 0), "source_prompt": (4, 0), "target_prompt": (5, 0),
+           "source_latent": (9, 0)}, control={"seed": "fixed"}),
+        N(15, "VAEDecode", (1640, 180), (210, 46), {}, {"samples": (13, 0), "vae": (2, 2)}, title="VAE Decode (TokenFlow)"),
+        N(16, "VAEDecode", (1640, 560), (210, 46), {}, {"samples": (14, 0), "vae": (2, 2)}, title="VAE Decode (FateZero)"),
+        N(17, "ImageStitch", (1900, 180), (270, 150),
+          {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"},
+          {"image1": (3, 0), "image2": (15, 0)}, title="source | TokenFlow"),
+        N(18, "ImageStitch", (1900, 380), (270, 150),
+          {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"},
+          {"image1": (17, 0), "image2": (16, 0)}, title="source | TokenFlow | FateZero"),
+        _create_video(19, (1900, 580), (18, 0), (3, 2)),
+        _save(20, (2220, 0), (19, 0), "stem/edit_compare", (760, 420), title="Save Video (source | TokenFlow | FateZero)"),
+        _create_video(21, (1900, 700), (16, 0), (3, 2)),
+        _save(22, (2220, 460), (21, 0), "stem/fatezero_edit", title="Save Video (FateZero)"),
+        N(23, "STEMVideoMetrics", (1640, 820), (320, 260),
+          {"label_1": "TokenFlow", "label_2": "FateZero", "label_3": "", "filename_prefix": "stem/edit_metrics"},
+          {"source": (3, 0), "video_1": (15, 0), "video_2": (16, 0)}),
+        N(24, "PreviewImage", (2220, 960), (760, 520), {}, {"images": (23, 0)}, title="Metrics plot"),
+    ]
+
+
 WORKFLOWS = {
     "stem_tokenflow_edit": tokenflow_edit,
+    "stem_fatezero_edit": fatezero_edit,
     "stem_sdxl_tokenflow_edit": sdxl_tokenflow_edit,
     "stem_inversion_reconstruction": inversion_reconstruction,
     "stem_attention_ksampler": attention_ksampler,

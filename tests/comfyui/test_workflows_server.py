@@ -266,8 +266,10 @@ def test_workflow_runs(server, name):
         assert len(found) == 1, f"{name}: plot {item} found at {found}"
         plot = cv2.imread(str(found[0]))
         assert plot is not None and plot.shape == (512, 768, 3) and (plot < 245).mean() > 0.02
-        csvs = list((server.output / "stem").glob("inversion_metrics_*.csv"))
-        assert csvs and csvs[-1].read_text().count("\n") == 4  # header + per-frame DDIM, STEM, inflated
+        prefix = Path(prompt[nid]["inputs"]["filename_prefix"])
+        csvs = sorted((server.output / prefix.parent).glob(f"{prefix.name}_*.csv"))
+        methods = sum(1 for k in prompt[nid]["inputs"] if k.startswith("video_"))
+        assert csvs and csvs[-1].read_text().count("\n") == 1 + methods  # a header and a row per method
     executed = [line.strip() for line in server.log.read_text(errors="replace").splitlines()
                 if "Prompt executed in" in line]
     print(f"\n{name}: {seconds:.1f}s on CPU from POST to history; server: {executed[-1] if executed else '?'}")

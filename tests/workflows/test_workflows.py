@@ -22,11 +22,12 @@ NAMES = sorted(GEN.WORKFLOWS)
 
 # Core node types the workflows may use, with the number of widgets_values the frontend saves
 # for each (checked against ComfyUI 0.3.64: nodes.py, comfy_extras/nodes_freelunch.py,
-# nodes_images.py, nodes_video.py; KSampler's seed adds a control_after_generate value; Note is
-# a frontend-only node with one text widget).
+# nodes_images.py, nodes_video.py, nodes_primitive.py; KSampler's seed adds a control_after_generate
+# value; Note is a frontend-only node with one text widget).
 CORE_WIDGET_COUNTS = {
     "CheckpointLoaderSimple": 1, "CLIPTextEncode": 1, "VAEEncode": 0, "VAEDecode": 0, "FreeU": 4,
     "KSampler": 7, "ImageStitch": 4, "CreateVideo": 1, "SaveVideo": 3, "Note": 1, "PreviewImage": 0,
+    "PrimitiveStringMultiline": 1,
 }
 VIRTUAL = {"Note"}  # not sent to the server: no API-format node
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
@@ -306,6 +307,23 @@ def test_an_old_ui_workflow_gives_keyframes_per_pass_its_frames_per_pass_value(p
     values = dict(zip(_widget_names(pack.input_types["STEMTokenFlowEdit"]), OLD_TOKENFLOW_WIDGETS, strict=True))
     assert values["keyframes_per_pass"] == 3 and values["keyframe_positions"] == "reference (batch middle)"
     assert values["pnp_attention_blocks"] == "auto" and values["seed"] == 1
+
+
+def test_fatezero_workflow_edits_one_inversion_two_ways_and_compares_them():
+    wf = ui("stem_fatezero_edit")
+    fz, tf = _node(wf, "STEMFateZeroEdit"), _node(wf, "STEMTokenFlowEdit")
+    invert = _node(wf, "STEMInvert")["id"]
+    assert _source_of(wf, fz["id"], "inversion")[0] == _source_of(wf, tf["id"], "inversion")[0] == invert
+    assert "STEMAttentionPatch" not in _upstream_types(wf, fz["id"], "model")  # the source replays the record
+    # FateZero's zero-shot style defaults; both editors and the inversion read the same two texts
+    assert fz["widgets_values"][3:9] == ["refine", 0.8, 0.7, 7.5, "watercolor painting", 10.0]
+    texts = {n["title"]: n["id"] for n in wf["nodes"] if n["type"] == "PrimitiveStringMultiline"}
+    assert _source_of(wf, fz["id"], "source_prompt")[0] == texts["Source text"]
+    assert _source_of(wf, fz["id"], "target_prompt")[0] == texts["Target text"]
+    assert _source_of(wf, _source_of(wf, invert, "conditioning")[0], "text")[0] == texts["Source text"]
+    metrics = _node(wf, "STEMVideoMetrics")["id"]
+    decoders = {_source_of(wf, metrics, k)[0] for k in ("video_1", "video_2")}
+    assert {_source_of(wf, d, "samples")[0] for d in decoders} == {fz["id"], tf["id"]}
 
 
 def test_reconstruction_uses_each_inversions_model():
