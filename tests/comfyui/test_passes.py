@@ -49,7 +49,8 @@ def count_meetings(monkeypatch, sd):
     return seen
 
 
-MODES = [("stem", "whole clip"), ("inflated", "whole clip"), ("per-frame", "whole clip"), ("stem", "chunks of n frames")]
+MODES = [("stem", "whole clip"), ("inflated", "whole clip"), ("per-frame", "whole clip"), ("stem", "chunks of n frames"),
+         ("sparse-causal", "whole clip")]
 
 
 def gain(mode: str) -> float:
