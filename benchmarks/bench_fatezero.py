@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from testbed import clips, comfyui
@@ -103,13 +100,11 @@ def main() -> None:
     print("| steps | s/step | peak MiB | estimate MiB | FateZero's stored maps ('mid' / default) MiB |")
     print("|---:|---:|---:|---:|---:|")
     for steps in args.steps:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_fatezero", "--one", str(args.frames),
-                              str(args.size), str(steps)], capture_output=True, text=True, env=os.environ, cwd=REPO)
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-        if out.returncode or not lines:
-            print(f"| {steps} | failed: {out.stderr.strip().splitlines()[-1:]} |", flush=True)
+        r, error = comfyui.fresh_process("benchmarks.bench_fatezero", "--one", str(args.frames), str(args.size),
+                                         str(steps), repo_root=REPO)
+        if r is None:
+            print(f"| {steps} | failed: {error} |", flush=True)
             continue
-        r = json.loads(lines[-1])
         stored = [stored_maps_bytes(args.frames, args.size, steps, k) / 2**20 for k in (1, 2)]
         print(f"| {steps} | {r['edit_s_per_step']} | {r['peak_mib']} | {r['estimate_mib']} | "
               f"{stored[0]:.0f} / {stored[1]:.0f} |", flush=True)

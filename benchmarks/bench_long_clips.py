@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -171,13 +169,11 @@ def main() -> None:
             n = F if n == 0 else n
             if n > F:
                 continue
-            out = subprocess.run([sys.executable, "-m", "benchmarks.bench_long_clips", "--mode", args.mode, "--one", str(F),
-                                  str(args.size), str(n)], capture_output=True, text=True, env=os.environ, cwd=REPO)
-            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-            if out.returncode or not lines:
-                print(f"| {F} | {n} | failed: {out.stderr.strip().splitlines()[-1:]} |", flush=True)
+            r, error = comfyui.fresh_process("benchmarks.bench_long_clips", "--mode", args.mode, "--one", str(F),
+                                             str(args.size), str(n), repo_root=REPO)
+            if r is None:
+                print(f"| {F} | {n} | failed: {error} |", flush=True)
                 continue
-            r = json.loads(lines[-1])
             print(f"| {F} | {r['frames_per_pass']} | {r['passes']} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | "
                   f"{r['estimate_mib']:.0f} | {r['estimate_mib'] / max(1.0, r['peak_mib']):.2f} | "
                   f"{r['peak_mib'] / F:.1f} |", flush=True)

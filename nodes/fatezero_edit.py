@@ -32,7 +32,9 @@ class FateZeroEdit:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model the clip was inverted with, without STEM Attention Patch "
-                                               "(the source replays the inversion's own attention). LoRA is fine."}),
+                                               "(the source replays the inversion's own attention). LoRA and FreeU "
+                                               "are fine; put a LoRA on the inversion's model too, so that the "
+                                               "source replays the inversion exactly."}),
                 "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP: it encodes the prompts and aligns their words."}),
                 "inversion": ("STEM_INVERSION", {"tooltip": "From STEM Invert or Load STEM Inversion."}),
                 "source_prompt": ("STRING", {"multiline": True, "default": "a man is playing tennis",

@@ -170,3 +170,19 @@ def session(repo_root: Path, prefix: str):
     name, _ = provide_sd15_checkpoint(dirs["checkpoints"])
     model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
     return pack, model, clip, vae
+
+
+def fresh_process(module: str, *args: str, repo_root: Path) -> tuple[dict | None, str]:
+    """Run ``python -m module args`` from ``repo_root`` in a fresh process (a benchmark cell whose
+    peak memory must be its own) and read the JSON line it prints last: ``(result, "")``, or
+    ``(None, the last line of its error output)``."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=os.environ,
+                         cwd=repo_root)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode or not lines:
+        return None, (out.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(lines[-1]), ""
+

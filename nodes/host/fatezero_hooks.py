@@ -102,11 +102,16 @@ def _mask_level(extra_options: dict) -> bool:
     return _level_size(extra_options) == (h, w)
 
 
-def _by_role(payloads: list) -> dict:
+def _met(payloads: list) -> tuple[dict, "StepState", dict]:
+    """What the passes brought to a meeting, ``(role, q, k, v, extra_options)`` each: the payload
+    indices of each role, the step, and each role's q, k, v over all its passes with the options
+    of its first pass."""
     roles: dict = {}
     for i, p in enumerate(payloads):
         roles.setdefault(p[0], []).append(i)
-    return roles
+    joint = {r: [joined([payloads[i][j] for i in idx], 1) for j in (1, 2, 3)] + [payloads[idx[0]][4]]
+             for r, idx in roles.items()}
+    return roles, payloads[0][4][CONTEXT_KEY].step, joint
 
 
 class FateZeroLayers:
@@ -138,10 +143,7 @@ class FateZeroLayers:
         return ctx.sync.meet(("cross", site_key(extra_options)), self._cross_meeting, (ctx.role, q, k, v, extra_options))
 
     def _self_meeting(self, payloads: list) -> list:
-        roles = _by_role(payloads)
-        step: StepState = payloads[0][4][CONTEXT_KEY].step
-        joint = {r: [joined([payloads[i][j] for i in idx], 1) for j in (1, 2, 3)] + [payloads[idx[0]][4]]
-                 for r, idx in roles.items()}
+        roles, step, joint = _met(payloads)
         outs = {}
         if SOURCE in joint:
             outs[SOURCE] = self.source_attention(*joint[SOURCE])
@@ -159,10 +161,7 @@ class FateZeroLayers:
         return _parted(payloads, roles, outs)
 
     def _cross_meeting(self, payloads: list) -> list:
-        roles = _by_role(payloads)
-        step: StepState = payloads[0][4][CONTEXT_KEY].step
-        joint = {r: [joined([payloads[i][j] for i in idx], 1) for j in (1, 2, 3)] + [payloads[idx[0]][4]]
-                 for r, idx in roles.items()}
+        roles, step, joint = _met(payloads)
         outs = {}
         for role in (SOURCE, UNCOND):
             if role in joint:

@@ -54,10 +54,10 @@ def small_settings(ckpt: str, clip: str) -> list[tuple[str, str, object, bool]]:
     return [
         ("CheckpointLoaderSimple", "ckpt_name", ckpt, True),
         ("STEMLoadVideoFrames", "video", clip, True),
-        ("STEMLoadVideoFrames", "frame_load_cap", 8, True),
+        ("STEMLoadVideoFrames", "frame_load_cap", 2, True),
         ("STEMLoadVideoFrames", "size", 64, True),
         ("STEMInvert", "steps", 2, True),
-        ("STEMTokenFlowEdit", "batch_size", 4, True),
+        ("STEMTokenFlowEdit", "batch_size", 2, True),
         ("KSampler", "steps", 2, True),
         ("EmptyLatentImage", "width", 64, True),
         ("EmptyLatentImage", "height", 64, True),

@@ -24,7 +24,7 @@ def fz(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
         model=model, clip=clip, latent=r.get_node_output("3")[0], source=r.get_node_output("4")[0],
         node=stem_pack.NODE_CLASS_MAPPINGS["STEMFateZeroEdit"](), patch=stem_pack.NODE_CLASS_MAPPINGS["STEMAttentionPatch"](),
         invert=stem_pack.NODE_CLASS_MAPPINGS["STEMInvert"](), attn=mod("nodes.host.attention_hooks"),
-        run=mod("nodes.host.fatezero_run"),
+        run=mod("nodes.host.fatezero_run"), plans=mod("nodes.host.plans"),
     )
     comfy.model_management.unload_all_models()
 
@@ -116,6 +116,32 @@ def test_bad_inputs_are_refused_with_what_to_do(fz, inv):
         edit(fz, inv, blend_latents=True)
     with pytest.raises(ValueError, match="steps: 3 editing steps need timesteps"):
         edit(fz, inv, steps=3)
+    with pytest.raises(ValueError, match="target_prompt: the prompt is longer than one CLIP window"):
+        edit(fz, inv, target_prompt="a man is playing tennis " * 20)
+
+
+def test_a_run_that_cannot_fit_is_refused_with_its_estimate(fz, inv, monkeypatch):
+    monkeypatch.setattr(fz.plans, "free_memory", lambda device=None: 1000)
+    with pytest.raises(ValueError, match=r"FateZero Edit: even 8 frames of 3 branches in 8 passes of up to 1 each, "
+                                         r"about .* GiB above the model would not fit: .* Use fewer frames"):
+        edit(fz, inv)
+
+
+def test_fatezero_composes_with_freeu_and_weight_patches(fz, inv):
+    """FreeU and a LoRA-style weight patch on the editing model reach every branch's UNet call; the
+    upstream model keeps no patch."""
+    import comfy_extras.nodes_freelunch as freelunch
+
+    plain = edit(fz, inv, steps=1, self_replace_steps=1.0)
+    freeu = freelunch.FreeU().patch(fz.model, b1=1.2, b2=1.4, s1=0.9, s2=0.2)[0]
+    with_freeu = edit(fz, inv, model=freeu, steps=1, self_replace_steps=1.0)
+    key = "diffusion_model.output_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    lora = fz.model.clone()
+    assert lora.add_patches({key: (fz.model.model_state_dict()[key] * 0.5,)}, 1.0) == [key]
+    with_lora = edit(fz, inv, model=lora, steps=1, self_replace_steps=1.0)
+    for out in (with_freeu, with_lora):
+        assert torch.isfinite(out).all() and not torch.allclose(out, plain, atol=1e-3)
+    assert key not in fz.model.patches and not fz.model.model_options["transformer_options"].get("patches_replace")
 
 
 def test_a_sparse_causal_inversion_and_edit_as_fatezero_runs_them(fz, monkeypatch):

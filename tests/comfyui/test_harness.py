@@ -90,7 +90,9 @@ def test_checkpoint_loads_as_sd15_eps(txt2img, sd15_checkpoint, run_prompt):
 
 
 def test_txt2img_prompt_runs_and_saves_pngs(txt2img, comfy_env):
-    assert {"1", "2", "3", "4", "5", "6", "7"} <= txt2img.executed_nodes
+    # the loader may come from the session executor's cache (an earlier module loaded the checkpoint)
+    assert {"2", "3", "4", "5", "6", "7"} <= txt2img.executed_nodes
+    assert "1" in txt2img.executed_nodes | set(txt2img.cached_nodes)
     (latent,) = txt2img.get_node_output("5")
     samples = latent["samples"]
     assert samples.shape == (2, 4, 8, 8) and torch.isfinite(samples).all()

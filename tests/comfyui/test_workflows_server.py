@@ -32,7 +32,7 @@ import comfy_harness as H
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOW_DIR = REPO / "workflows"
 CLIP = "stem_workflow_clip.mp4"
-FRAMES, SIZE = 8, 64
+FRAMES, SIZE = 2, 64
 START_TIMEOUT = 240
 RUN_TIMEOUT = 600
 
@@ -44,7 +44,7 @@ SMALL = {
     ("STEMLoadVideoFrames", "frame_load_cap"): FRAMES,
     ("STEMAttentionPatch", "num_bases"): 32,
     ("STEMInvert", "steps"): 2,
-    ("STEMTokenFlowEdit", "batch_size"): 4,
+    ("STEMTokenFlowEdit", "batch_size"): 2,
     ("KSampler", "steps"): 2,
 }
 TIMES: dict[str, float] = {}
