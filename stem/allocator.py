@@ -17,6 +17,7 @@ from typing import Callable
 
 from .cost import resident_bytes
 
+
 @functools.lru_cache(maxsize=None)
 def _glibc():
     """The process's C library where it is glibc (its ``malloc_trim``), else None."""
