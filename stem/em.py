@@ -14,7 +14,7 @@ token chunk it computes on is the same (:func:`token_chunks`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
@@ -38,7 +38,8 @@ class EMParams:
     ``num_bases`` M, ``iters`` R, ``tau`` the E-step temperature; ``chunk_size`` tokens per
     slice of the token axis (None: :func:`auto_chunk_size`); ``generator`` draws the initial
     bases (None: torch's global generator). The generator is the one mutable part: the blocks
-    of one call draw from it in turn, so pass the same object to all of them.
+    of one call draw from it in turn, so pass the same object to all of them. ``interrupt`` is
+    called before each chunk's E-step and may raise to stop (the host's Cancel).
     """
 
     num_bases: int = DEFAULT_NUM_BASES
@@ -46,6 +47,7 @@ class EMParams:
     tau: float = DEFAULT_TAU
     chunk_size: int | None = None
     generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+    interrupt: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     def seeded(self, seed: int) -> "EMParams":
         """These parameters with a new CPU generator seeded with ``seed``."""
@@ -181,6 +183,8 @@ def em_bases(
         colsum = zk = zv = None
         value_chunks = token_chunks(value_blocks, step) if want_v else None
         for kc in token_chunks(key_blocks, step):
+            if params.interrupt is not None:
+                params.interrupt()
             z = _e_step_chunk(kc, mu_normed, params.tau)
             zt = z.transpose(-1, -2)
             parts = (z.sum(dim=-2), torch.matmul(zt, kc))

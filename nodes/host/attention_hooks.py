@@ -13,6 +13,7 @@ from ...stem.attention import (
     stem_attention,
     stem_bases,
 )
+from .cancel import with_cancel_checks
 from .layer import attention_precision, chunk_count, refuse_split_frames
 from .memory import free_memory
 from .pack import StemError
@@ -149,7 +150,7 @@ def patched_model(model, settings: AttentionSettings):
     import comfy.patcher_extension
 
     settings = replace(settings, profile=memory_profile(model))
-    m = settings.on(model)
+    m = with_cancel_checks(settings.on(model))
     if settings.mode != "per-frame":
         hooks = {"stem": stem_hooks, "inflated": inflated_hooks, "sparse-causal": sparse_causal_hooks}[settings.mode]
         replace_attention, patch = hooks(settings)

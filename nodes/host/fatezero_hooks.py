@@ -231,10 +231,11 @@ def build_edit_model(model, layers: FateZeroLayers):
     Patch's own passes are removed (the edit runs its branches' passes itself)."""
     import comfy.patcher_extension
 
+    from .cancel import with_cancel_checks
     from .passes import WRAPPER_KEY as PASSES_WRAPPER_KEY
     from .unet import attn1_sites
 
-    m = model.clone()
+    m = with_cancel_checks(model)
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PASSES_WRAPPER_KEY)
     for block, idx, tidx in attn1_sites(m):
         m.set_model_attn1_replace(layers.self_attention, block, idx, tidx)

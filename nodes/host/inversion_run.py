@@ -7,6 +7,7 @@ import torch
 
 from ...stem.cost import measure
 from ...stem.inversion import Inversion
+from .cancel import with_cancel_checks
 from .latents import inversion_conditioning, single_cond
 from .memory import returning_memory
 from .plans import plan_run, with_plan
@@ -35,7 +36,7 @@ def invert(model, samples: torch.Tensor, conditioning, steps: int) -> Inversion:
     prediction = check_model(model)
     sched = model_schedule(model, steps)
     plan = plan_run(model, samples, 1, "STEM Invert")  # before the first UNet call
-    model = with_plan(model, plan)
+    model = with_cancel_checks(with_plan(model, plan))
     settings = AttentionSettings.of(model)
     record = settings.asdict() if settings is not None else {"attention": "per-frame",
                                                              "frames_per_pass": plan.frames_per_pass}
@@ -93,7 +94,7 @@ def reconstruct(model, inv: Inversion, conditioning=None) -> tuple[torch.Tensor,
     conditioning = conditioning if conditioning is not None else inversion_conditioning(inv)
     levels = list(reversed(inv.sigmas.tolist()))
     start = inv.noisiest.clone()
-    model = with_plan(model, plan_run(model, start, 1, "STEM Reconstruct"))
+    model = with_cancel_checks(with_plan(model, plan_run(model, start, 1, "STEM Reconstruct")))
     g = _guider(model, conditioning)
     with returning_memory():
         out = g.sample(

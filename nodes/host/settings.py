@@ -15,6 +15,7 @@ from typing import Any
 
 from ...stem.em import EMParams
 from ...stem.memory import PROFILES, SD1, Profile
+from .cancel import interrupted
 from .layer import layer_seed
 from .pack import StemError
 
@@ -54,8 +55,8 @@ class AttentionSettings:
 
     def layer_em(self, extra_options: dict) -> EMParams:
         """The EM parameters of one layer call, its generator seeded by the run seed, the layer and
-        the noise level (``layer.layer_seed``)."""
-        return self.em.seeded(layer_seed(self.seed, extra_options))
+        the noise level (``layer.layer_seed``), checking for Cancel between its token chunks."""
+        return replace(self.em.seeded(layer_seed(self.seed, extra_options)), interrupt=interrupted)
 
     def with_pass_size(self, frames_per_pass: int) -> "AttentionSettings":
         """These settings with a run's resolved pass size."""

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ...stem.tokenflow import NNFields, batch_fields, keyframe_attention, keyframe_attention_passes, propagate_outputs
+from .cancel import with_cancel_checks
 from .layer import attention_precision, refuse_split_frames, site_key
 from .passes import WRAPPER_KEY as PASSES_WRAPPER_KEY
 from .pnp import PnPLayout, pnp_layout
@@ -248,7 +249,7 @@ def build_edit_model(model, layout: PnPLayout | None = None):
     import comfy.patcher_extension
 
     layout = layout or pnp_layout(model)
-    m = model.clone()
+    m = with_cancel_checks(model)
     m.model_options["transformer_options"][PNP_KEY] = layout.attention
     # a STEM Attention Patch's passes would cut TokenFlow's passes apart: its attention is
     # replaced below anyway, and TokenFlow's keyframe and batch passes bound their own size

@@ -150,6 +150,39 @@ def test_cancel_stops_inside_a_step_at_the_next_layer(sd, monkeypatch, growth, m
     assert returned == [("meeting", n) for n in meetings] + [("end", 9)]
 
 
+def test_cancel_ends_a_large_step_within_5_seconds(sd):
+    """A press of Cancel from another thread, in the middle of one UNet call over 8 frames at
+    512x512 in one pass (about 50 s a step on this CPU), ends the run within 5 seconds: the pack
+    checks between the UNet's blocks, around every attention and between EM's token chunks, so
+    the longest stretch without a check is one convolution or feed-forward (about 0.3 s a frame at
+    512x512 here; the README has the measured gaps)."""
+    import threading
+    import time
+
+    import comfy.model_management as mm
+    import torch
+
+    latent = torch.randn(8, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    model = patched(sd, "stem", 8)
+    pressed = []
+
+    def press():
+        pressed.append(time.perf_counter())
+        mm.interrupt_current_processing(True)
+
+    timer = threading.Timer(10.0, press)  # the model is loaded: well inside the first step
+    timer.start()
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sd.inv.invert(model, latent, sd.source, 2)
+        stopped = time.perf_counter()
+    finally:
+        timer.cancel()
+        mm.interrupt_current_processing(False)
+    assert pressed, "the run ended before Cancel was pressed"
+    assert stopped - pressed[0] <= 5.0, f"Cancel took {stopped - pressed[0]:.1f} s"
+
+
 def test_stem_passes_meet_before_the_projections(sd, monkeypatch):
     """Passes wait with the layer's input, not its q, k, v: the keys and values of all passes are
     projected once at the meeting, the bases made once a layer, and each pass attends its own

@@ -44,3 +44,23 @@ def test_a_peak_before_the_measurement_does_not_count():
     with measure("cpu") as cost:
         time.sleep(0.005)
     assert cost.peak_bytes < 16 * 2**20
+
+
+def test_on_cuda_the_peak_is_cudas_allocated_peak_above_what_was_allocated_before(monkeypatch):
+    """The CUDA branch, with torch.cuda's counters faked where no GPU exists: the peak is the
+    allocator's peak during the work minus what was allocated when it began."""
+    state = {"allocated": 3 * 2**30, "peak": 3 * 2**30, "synced": 0, "reset": 0}
+
+    def reset(device=None):
+        state["reset"] += 1
+        state["peak"] = state["allocated"]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: state.__setitem__("synced", state["synced"] + 1))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    with measure("cuda:0") as cost:
+        state["peak"] = state["allocated"] + 5 * 2**30  # the work's transient peak
+    assert cost.kind == "cuda-allocated" and cost.peak_bytes == 5 * 2**30
+    assert state["reset"] == 1 and state["synced"] == 2
+    assert cost.as_dict() == {"seconds": round(cost.seconds, 3), "peak_mib": 5120.0, "memory": "cuda-allocated"}

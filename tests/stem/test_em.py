@@ -147,3 +147,25 @@ def test_em_over_token_blocks_equals_em_over_their_concatenation(sizes):
     assert torch.equal(torch.cat(chunks, dim=-2), k)
     with pytest.raises(ValueError, match="differ in tokens"):
         em_bases(kb, vb[:-1] + [vb[-1][..., :1, :]], EMParams(5))
+
+
+def test_em_calls_its_interrupt_before_every_chunk_and_stops_when_it_raises():
+    """The host's Cancel: ``interrupt`` runs before each chunk's E-step, so a long EM stops within
+    one chunk of a press."""
+    K, V = rand_kv(T=100)
+    calls = []
+    em_bases(K, V, EMParams(4, iters=3, chunk_size=30, interrupt=lambda: calls.append(1)).seeded(0))
+    assert len(calls) == 3 * 4  # 3 iterations of 4 chunks (30 + 30 + 30 + 10 tokens)
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_on_the_fifth():
+        calls.append(1)
+        if len(calls) == 5:
+            raise Cancelled
+
+    calls.clear()
+    with pytest.raises(Cancelled):
+        em_bases(K, V, EMParams(4, iters=3, chunk_size=30, interrupt=cancel_on_the_fifth).seeded(0))
+    assert len(calls) == 5
