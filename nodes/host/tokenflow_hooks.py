@@ -249,7 +249,10 @@ def build_edit_model(model, layout: PnPLayout | None = None):
     import comfy.patcher_extension
 
     layout = layout or pnp_layout(model)
-    m = with_cancel_checks(model)
+    m = model.clone()
+    # the feature injection reads the batch's branches: its ResBlock stays whole (with_cancel_checks)
+    m.add_object_patch(layout.features, FeatureInjection(*m.get_model_object(layout.features)))
+    m = with_cancel_checks(m)
     m.model_options["transformer_options"][PNP_KEY] = layout.attention
     # a STEM Attention Patch's passes would cut TokenFlow's passes apart: its attention is
     # replaced below anyway, and TokenFlow's keyframe and batch passes bound their own size
@@ -258,6 +261,5 @@ def build_edit_model(model, layout: PnPLayout | None = None):
     for block, idx, tidx in attn1_sites(m):
         m.set_model_attn1_replace(attn_replace, block, idx, tidx)
     m.set_model_attn1_output_patch(output_patch)
-    m.add_object_patch(layout.features, FeatureInjection(*m.get_model_object(layout.features)))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, source_swap)
     return m

@@ -24,7 +24,7 @@ def sd(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
         negative=r.get_node_output("5")[0], node=mod("nodes.attention_patch").STEMAttentionPatch(),
         inv=mod("nodes.host.inversion_run"), plans=mod("nodes.host.plans"), passes=mod("nodes.host.passes"),
         tf=mod("nodes.host.tokenflow_run"), attn=mod("nodes.host.attention_hooks"), memory=mod("nodes.host.memory"),
-        stem_memory=mod("stem.memory"), allocator=mod("stem.allocator"),
+        stem_memory=mod("stem.memory"), allocator=mod("stem.allocator"), cancel=mod("nodes.host.cancel"),
     )
 
 
@@ -151,19 +151,19 @@ def test_cancel_stops_inside_a_step_at_the_next_layer(sd, monkeypatch, growth, m
 
 
 def test_cancel_ends_a_large_step_within_5_seconds(sd):
-    """A press of Cancel from another thread, in the middle of one UNet call over 8 frames at
-    512x512 in one pass (about 50 s a step on this CPU), ends the run within 5 seconds: the pack
-    checks between the UNet's blocks, around every attention and between EM's token chunks, so
-    the longest stretch without a check is one convolution or feed-forward (about 0.3 s a frame at
-    512x512 here; the README has the measured gaps)."""
+    """A press of Cancel from another thread, in the middle of one UNet call over 24 frames at
+    512x512 in one pass (minutes a step on this CPU), ends the run within 5 seconds: the pack
+    checks between the UNet's blocks, around every attention, between EM's token chunks and
+    between the row chunks of every ResBlock, sampler and feed-forward, so the longest stretch
+    without a check is one chunk (about 2 s on 2 cores; the README has the measured gaps)."""
     import threading
     import time
 
     import comfy.model_management as mm
     import torch
 
-    latent = torch.randn(8, 4, 64, 64, generator=torch.Generator().manual_seed(0))
-    model = patched(sd, "stem", 8)
+    latent = torch.randn(24, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    model = patched(sd, "stem", 24)
     pressed = []
 
     def press():
@@ -181,6 +181,36 @@ def test_cancel_ends_a_large_step_within_5_seconds(sd):
         mm.interrupt_current_processing(False)
     assert pressed, "the run ended before Cancel was pressed"
     assert stopped - pressed[0] <= 5.0, f"Cancel took {stopped - pressed[0]:.1f} s"
+
+
+def test_per_frame_modules_run_in_row_chunks_with_a_check_between_and_the_same_result(sd, monkeypatch):
+    """ResBlocks, up/downsamplers, feed-forwards and SD's self-attention modules run a large batch
+    in chunks of rows with a Cancel check between them (object patches of the run's clone, sharing the modules' state, so
+    weight patches keep their keys), and the step is the one-piece step to fp32 rounding (oneDNN
+    may round a smaller batch differently; SD's own per-frame attention here, since STEM's EM
+    amplifies rounding); the upstream model's modules are left as they were."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    model = patched(sd, "per-frame")
+    checks = []
+    real = sd.cancel.interrupted
+    monkeypatch.setattr(sd.cancel, "interrupted", lambda: checks.append(1) or real())
+    whole = sd.inv.invert(model, sd.latent, sd.source, 1).latents
+    default_checks = len(checks)
+    checks.clear()
+    rows = sd.cancel.with_row_chunks(model, budget=1)  # one row at a time
+    chunked = sd.inv.invert(rows, sd.latent, sd.source, 1).latents
+    # SD1.5: 22 ResBlocks, 3 down- and 3 upsamplers, 16 feed-forwards, 16 self-attentions; 8 rows:
+    # 7 checks inside each
+    per_frame = {k: v for k, v in rows.object_patches.items() if k.startswith("diffusion_model.")}
+    assert len(per_frame) == 44 + 16
+    assert len(checks) - default_checks == (44 + 16) * 7
+    harness.assert_fp32_close(chunked, whole, depth=100)
+    first = per_frame["diffusion_model.input_blocks.1.0"]
+    original = sd.model.get_model_object("diffusion_model.input_blocks.1.0")  # as the upstream model has it
+    assert isinstance(first, ResBlock) and type(first) is not ResBlock and type(original) is ResBlock
+    assert dict(first.named_parameters()).keys() == dict(original.named_parameters()).keys()
+    assert all(a is b for a, b in zip(first.parameters(), original.parameters()))
 
 
 def test_stem_passes_meet_before_the_projections(sd, monkeypatch):

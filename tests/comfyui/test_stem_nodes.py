@@ -318,6 +318,22 @@ def test_tokenflow_split_branches_give_the_same_edit(sd, inversions, monkeypatch
     harness.assert_fp32_close(b, a, depth=400, gain=7.5)
 
 
+def test_tokenflow_in_row_chunks_is_the_whole_batch_edit_and_keeps_its_feature_block_whole(sd, inversions, stem_pack):
+    """With every per-frame module computing one row at a time (Cancel's chunks, at a budget that
+    cuts even these small batches), the edit is the whole-batch edit to fp32 rounding; the ResBlock
+    around TokenFlow's feature injection, which reads the batch's branches, stays whole."""
+    cancel = harness.pack_submodule(stem_pack, "nodes.host.cancel")
+    model, inv, _ = inversions["vanilla"]
+    whole, _ = edit(sd, model, inv, steps=2)
+    rows = cancel.with_row_chunks(model, budget=1)
+    chunked, _ = edit(sd, rows, inv, steps=2)
+    harness.assert_fp32_close(chunked, whole, depth=100 * 2, gain=7.5)
+    built = sd.hooks.build_edit_model(rows)
+    assert "diffusion_model.output_blocks.4.0.out_layers" in built.object_patches
+    assert "diffusion_model.output_blocks.4.0" not in built.object_patches
+    assert type(built.object_patches["diffusion_model.output_blocks.4.1.transformer_blocks.0.ff"]).row_chunk_budget == 1
+
+
 def test_tokenflow_edit_is_seeded(sd, inversions):
     inv = inversions["stem"][1]
     a, _ = edit(sd, sd.model, inv, batch_size=4, seed=5, steps=2)
