@@ -26,8 +26,15 @@ log = logging.getLogger("ComfyUI-STEM")
 FEWER_FRAMES = "fewer frames (frame_load_cap, select_every_nth) or a smaller size on Load Video Frames"
 
 
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the UNet computes in: its manual-cast dtype where one is set (half weights on a
+    device that computes them in fp32, or ``set_model_compute_dtype``), else its weights' dtype."""
+    cast = model.get_model_object("manual_cast_dtype")
+    return cast if cast is not None else model.model.get_dtype()
+
+
 def _element_size(model) -> int:
-    return torch.tensor([], dtype=model.model.get_dtype()).element_size()
+    return torch.tensor([], dtype=compute_dtype(model)).element_size()
 
 
 def _free_for_run(model) -> int | None:

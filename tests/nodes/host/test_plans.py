@@ -21,14 +21,19 @@ def plans():
 class FakeModel:
     """What the plans read of a ModelPatcher: its device, sizes, dtype and options."""
 
-    def __init__(self, device="cuda:0", dtype=torch.float16, size=4 * 2**30, loaded=2**30):
+    def __init__(self, device="cuda:0", dtype=torch.float16, size=4 * 2**30, loaded=2**30, compute=None):
         self.load_device = torch.device(device)
         self.model = types.SimpleNamespace(get_dtype=lambda: dtype)
+        self.compute = compute  # a manual-cast (compute) dtype: ModelPatcher's object "manual_cast_dtype"
         self.model_options = {"transformer_options": {}}
         self._size, self._loaded = size, loaded
 
     def model_size(self):
         return self._size
+
+    def get_model_object(self, name):
+        assert name == "manual_cast_dtype"
+        return self.compute
 
     def loaded_size(self):
         return self._loaded
@@ -62,3 +67,15 @@ def test_the_plan_uses_the_unets_dtype_and_refuses_with_the_gpus_figures(plans, 
     with pytest.raises(ValueError, match=r"STEM Invert: 24 frames in 1 pass of up to 24, about .* GiB above the model "
                                          r"would not fit: 7.00 GiB is free .* Put STEM Attention Patch"):
         plans.plan_run(FakeModel(dtype=torch.float32), latent, 2, "STEM Invert")
+
+
+def test_the_element_size_is_the_compute_dtypes():
+    """Half weights computed in fp32 (ComfyUI's manual cast on a device without fast half) count 4
+    bytes a value; fp32 weights computed in half (``set_model_compute_dtype``) count 2."""
+    import importlib
+
+    plans = importlib.import_module(f"{PACK}.nodes.host.plans")
+    assert plans._element_size(FakeModel(dtype=torch.float16)) == 2
+    assert plans._element_size(FakeModel(dtype=torch.float16, compute=torch.float32)) == 4
+    assert plans._element_size(FakeModel(dtype=torch.float32, compute=torch.bfloat16)) == 2
+    assert plans.compute_dtype(FakeModel(dtype=torch.float32)) == torch.float32
