@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The project's one test command (README, .ci/run).
-#  1. unit tier: a local venv (.venv) with the CPU torch 2.13.0, requirements.txt and pytest;
-#     everything in stem/ and the workflow checks, no ComfyUI needed.
-#  2. ComfyUI tier: tests/comfyui in ComfyUI's own interpreter, where a checkout is found at
-#     $COMFYUI_PATH (default ~/ComfyUI) with its interpreter at $COMFYUI_PYTHON (default: a venv
-#     inside or beside the checkout). Without a checkout it is skipped with a one-line reason.
+#  - Where a ComfyUI checkout is found at $COMFYUI_PATH (default ~/ComfyUI) with its interpreter at
+#    $COMFYUI_PYTHON (default: a venv inside or beside the checkout), both tiers run in that
+#    interpreter and its torch: the unit tier (stem/, nodes' definitions, workflows) and the ComfyUI
+#    tier (tests/comfyui). What it lacks for the tests (pytest; this pack's requirements where they
+#    are not installed; playwright for the browser tier where Debian's chromium is installed) goes
+#    into .test-deps, a folder of ours: the user's ComfyUI environment is left as it is, and no
+#    torch is installed.
+#  - Without a checkout, the unit tier runs in a local venv (.venv) with the CPU torch 2.13.0, and
+#    the ComfyUI tier is skipped with a one-line reason.
 # Extra arguments go to both pytest runs. Exits non-zero if anything fails.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -13,19 +17,8 @@ reports=$(mktemp -d)
 trap 'rm -rf "$reports"' EXIT
 status=0
 
-venv="${STEM_TEST_VENV:-.venv}"
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv" || { echo "could not create $venv with python3 -m venv"; exit 2; }
-fi
-if ! "$venv/bin/python" -m pip install --disable-pip-version-check -q torch==2.13.0 \
-     -r requirements.txt -r tests/requirements.txt >"$reports/pip.log" 2>&1; then
-  grep -v '^WARNING: Location' "$reports/pip.log"; echo "installing the unit-tier dependencies failed"; exit 2
-fi
-echo "== unit tier ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
-"$venv/bin/python" -m pytest tests --ignore=tests/comfyui -p no:cacheprovider \
-  --junitxml="$reports/unit.xml" "$@" || status=1
-
 comfy="${COMFYUI_PATH:-$HOME/ComfyUI}"
+cpy=""
 if [ -f "$comfy/comfy/model_patcher.py" ]; then
   cpy="${COMFYUI_PYTHON:-}"
   if [ -z "$cpy" ]; then
@@ -35,27 +28,53 @@ if [ -f "$comfy/comfy/model_patcher.py" ]; then
   fi
   if [ -z "$cpy" ]; then
     echo "ComfyUI tier FAILED to start: ComfyUI is at $comfy but no interpreter was found; set COMFYUI_PYTHON"
-    status=1
-  else
-    echo "== ComfyUI tier ($comfy, $cpy)"
-    # leave the user's ComfyUI environment as it is: what it lacks goes into a folder of ours,
-    # .test-deps: pytest, and playwright for the browser tier (test_browser.py) where Debian's
-    # chromium is installed (it drives /usr/bin/chromium; no browser is ever downloaded)
-    deps="$root/.test-deps"
-    extra=""
-    for mod in pytest playwright; do
-      [ "$mod" = playwright ] && [ ! -x /usr/bin/chromium ] && continue
-      "$cpy" -c "import $mod" 2>/dev/null && continue
-      extra="$deps"
-      PYTHONPATH="$deps${PYTHONPATH:+:$PYTHONPATH}" "$cpy" -c "import $mod" 2>/dev/null && continue
-      if ! "$cpy" -m pip install -q --disable-pip-version-check --target "$deps" "$mod" >"$reports/pip2.log" 2>&1; then
-        if [ "$mod" = pytest ]; then cat "$reports/pip2.log"; status=1
-        else echo "could not install playwright into .test-deps: the browser tier will be skipped"; fi
-      fi
-    done
-    COMFYUI_PATH="$comfy" PYTHONPATH="$extra${PYTHONPATH:+:$PYTHONPATH}" "$cpy" -m pytest tests/comfyui \
-      -p no:cacheprovider --junitxml="$reports/comfyui.xml" "$@" || status=1
+    exit 2
   fi
+fi
+
+# what an interpreter lacks, into .test-deps: "module=requirement" pairs, each installed only where
+# `import module` fails (never torch: diffusers, einops, safetensors and opencv do not pull it)
+deps="$root/.test-deps"
+provide() {
+  local py=$1; shift
+  local pair mod req
+  for pair in "$@"; do
+    mod=${pair%%=*}; req=${pair#*=}
+    PYTHONPATH="$deps${PYTHONPATH:+:$PYTHONPATH}" "$py" -c "import $mod" 2>/dev/null && continue
+    echo "installing $req into .test-deps (missing from $py)"
+    if ! "$py" -m pip install -q --disable-pip-version-check --target "$deps" "$req" >"$reports/pip.log" 2>&1; then
+      if [ "$mod" = playwright ]; then echo "could not install playwright into .test-deps: the browser tier will be skipped"
+      else grep -v '^WARNING' "$reports/pip.log"; echo "installing $req failed"; exit 2; fi
+    fi
+  done
+}
+
+if [ -n "$cpy" ]; then
+  py=$cpy
+  need=(pytest=pytest diffusers=diffusers einops=einops safetensors=safetensors cv2=opencv-python greenlet=greenlet)
+  # the browser tier drives Debian's chromium (/usr/bin/chromium); no browser is ever downloaded
+  [ -x /usr/bin/chromium ] && need+=(playwright=playwright)
+  provide "$py" "${need[@]}"
+  export PYTHONPATH="$deps${PYTHONPATH:+:$PYTHONPATH}"
+else
+  venv="${STEM_TEST_VENV:-.venv}"
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv" || { echo "could not create $venv with python3 -m venv"; exit 2; }
+  fi
+  if ! "$venv/bin/python" -m pip install --disable-pip-version-check -q torch==2.13.0 \
+       -r requirements.txt -r tests/requirements.txt >"$reports/pip.log" 2>&1; then
+    grep -v '^WARNING: Location' "$reports/pip.log"; echo "installing the unit-tier dependencies failed"; exit 2
+  fi
+  py="$venv/bin/python"
+fi
+
+echo "== unit tier ($py, $("$py" -c 'import torch; print("torch", torch.__version__)'))"
+"$py" -m pytest tests --ignore=tests/comfyui -p no:cacheprovider --junitxml="$reports/unit.xml" "$@" || status=1
+
+if [ -n "$cpy" ]; then
+  echo "== ComfyUI tier ($comfy, $cpy)"
+  COMFYUI_PATH="$comfy" "$cpy" -m pytest tests/comfyui -p no:cacheprovider --junitxml="$reports/comfyui.xml" "$@" \
+    || status=1
 else
   echo "ComfyUI tier skipped: no ComfyUI checkout at $comfy (set COMFYUI_PATH, and COMFYUI_PYTHON for its interpreter)"
 fi
