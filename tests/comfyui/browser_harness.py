@@ -342,6 +342,11 @@ class ComfyPage:
         }""", margin)
         self.page.wait_for_timeout(800)
 
+    def prompt(self) -> dict:
+        """The API-format prompt the frontend would queue for the graph on the canvas (its own
+        ``graphToPrompt``), without queueing it."""
+        return self.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+
     def run(self, timeout_ms: int = 30_000) -> str:
         """Press Run; returns the prompt id the server gave (raises with the server's answer if it
         refused the prompt)."""

@@ -42,10 +42,23 @@ def _tiny_sd2():
     return tiny_sd2()
 
 
+_MEASURED: list[tuple] = []
+
+
+class _Summary:
+    """Adds the measured differences to pytest's summary (the README's table comes from them)."""
+
+    def pytest_terminal_summary(self, terminalreporter):
+        for row in _MEASURED:
+            terminalreporter.write_line("half precision: " + " ".join(str(x) for x in row))
+
+
 @pytest.fixture(scope="module")
-def half(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
+def half(request, _prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
     import comfy.model_management
 
+    if not request.config.pluginmanager.has_plugin("stem-half-summary"):
+        request.config.pluginmanager.register(_Summary(), "stem-half-summary")
     prompt = harness.clip_and_prompts(sd15_checkpoint, clip_8x64, "a man is playing tennis",
                                       "spider-man is playing tennis", "ugly, blurry")
     r = _prompt_runner.run(prompt)
@@ -64,11 +77,9 @@ def half(_prompt_runner, sd15_checkpoint, clip_8x64, stem_pack):
         models=models, latent=torch.randn(8, 4, SIDE, SIDE, generator=g) * 0.8,
         settings=mod("nodes.host.settings"), em=mod("stem.em"), attn=mod("nodes.host.attention_hooks"),
         inv=mod("nodes.host.inversion_run"), tf=mod("nodes.host.tokenflow_run"), plans=mod("nodes.host.plans"),
-        fp32={}, measured=[],
+        fp32={}, measured=_MEASURED,
     )
     yield ns
-    for row in ns.measured:  # the figures the README and the closing note quote (pytest -s)
-        print("half precision:", *row)
     comfy.model_management.unload_all_models()
 
 
