@@ -28,24 +28,43 @@ import json
 import sys
 from pathlib import Path
 
-from testbed import clips, comfyui
+from testbed import clips, comfyui, models
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _clip_session(prefix: str, frames: int, size: int):
-    """ComfyUI with the random checkpoint and this pack loaded, and a generated clip of
-    ``frames`` frames encoded: (pack, inversion run module, patched(mode, frames_per_pass), source
-    cond, latent)."""
+def _clip_session(prefix: str, frames: int, size: int, model_name: str = "sd15", synthetic: bool = False):
+    """ComfyUI with this pack loaded and a model (the random SD1.5 checkpoint, or with ``sdxl`` a
+    full-size random SDXL UNet), a clip's latent of ``frames`` frames (a generated clip encoded, or
+    a seeded random latent of its shape where ``synthetic`` or SDXL: memory and time do not depend on
+    the content) and its source cond: (pack, inversion run module, patched(mode, frames_per_pass),
+    source cond, latent)."""
     import torch
 
-    pack, model, clip, vae = comfyui.session(REPO, prefix)
-    import nodes
+    side = size // 8
+    noise = lambda: torch.randn(frames, 4, side, side, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    if model_name == "sdxl":
+        import tempfile
 
-    source = nodes.CLIPTextEncode().encode(clip, "a red disc and a yellow square moving")[0]
-    with torch.inference_mode():
-        frames_px = torch.from_numpy(clips.synth_frames(frames, size, size)).float() / 255.0
-        latent = nodes.VAEEncode().encode(vae, frames_px)[0]["samples"]
+        _, skip = comfyui.locate_and_bootstrap()
+        if skip:
+            sys.exit(f"ComfyUI not available: {skip}")
+        dirs = comfyui.configure_folders(Path(tempfile.mkdtemp(prefix=prefix)))
+        comfyui.init_comfy_nodes()
+        pack = comfyui.load_pack(dirs["custom_nodes"], REPO)
+        model = models.random_sdxl(seed=0, std=0.02)
+        source, latent = models.sdxl_conditioning(1, size, size), noise()
+    else:
+        pack, model, clip, vae = comfyui.session(REPO, prefix)
+        import nodes
+
+        source = nodes.CLIPTextEncode().encode(clip, "a red disc and a yellow square moving")[0]
+        if synthetic:
+            latent = noise()
+        else:
+            with torch.inference_mode():
+                frames_px = torch.from_numpy(clips.synth_frames(frames, size, size)).float() / 255.0
+                latent = nodes.VAEEncode().encode(vae, frames_px)[0]["samples"]
     patch = pack.NODE_CLASS_MAPPINGS["STEMAttentionPatch"]()
 
     def patched(mode: str, frames_per_pass: int):  # STEM Attention Patch's defaults otherwise
@@ -54,16 +73,43 @@ def _clip_session(prefix: str, frames: int, size: int):
     return pack, comfyui.pack_submodule(pack, "nodes.host.inversion_run"), patched, source, latent
 
 
-def one(frames: int, size: int, frames_per_pass: int, mode: str) -> dict:
+def cancel_latency(run, after: float) -> float | None:
+    """Seconds from a press of Cancel (ComfyUI's interruption, from another thread ``after`` seconds
+    into ``run()``) to ``run`` ending with ComfyUI's interruption; None where it ended first."""
+    import threading
+    import time
+
+    import comfy.model_management as mm
+
+    pressed: list[float] = []
+    timer = threading.Timer(after, lambda: pressed.append(time.perf_counter()) or mm.interrupt_current_processing(True))
+    timer.start()
+    try:
+        run()
+    except mm.InterruptProcessingException:
+        return round(time.perf_counter() - pressed[0], 2)
+    finally:
+        timer.cancel()
+        mm.interrupt_current_processing(False)
+    return None
+
+
+def one(frames: int, size: int, frames_per_pass: int, mode: str, model_name: str = "sd15",
+        synthetic: bool = False, cancel: bool = False, unchecked: bool = False) -> dict:
     import torch
 
-    pack, inv_run, patched, source, latent = _clip_session("stem-long-", frames, size)
+    pack, inv_run, patched, source, latent = _clip_session("stem-long-", frames, size, model_name, synthetic)
+    if unchecked:  # measure a cell that the estimate would refuse: the plan sees no memory limit
+        comfyui.pack_submodule(pack, "nodes.host.plans")._free_for_run = lambda model: None
     with torch.inference_mode():
         m = patched(mode, frames_per_pass)
         inv_run.invert(m, latent[:1], source, 1)  # warm-up: model load, first-call costs
         inv = inv_run.invert(m, latent, source, 1)
-    s = inv.settings
-    return {"frames": frames, "size": size, "mode": mode, "frames_per_pass": s["frames_per_pass"], "passes": s["passes"],
+        s = inv.settings
+        # pressed 20 s into the step (the first level's layers, the largest per frame), or halfway in a shorter one
+        cancel_s = cancel_latency(lambda: inv_run.invert(m, latent, source, 1), min(20.0, s["seconds"] / 2)) if cancel else None
+    return {"model": model_name, "frames": frames, "size": size, "mode": mode, "frames_per_pass": s["frames_per_pass"],
+            "passes": s["passes"], "cancel_s": cancel_s,
             "seconds": s["seconds"], "peak_mib": s["peak_mib"], "estimate_mib": s["memory_estimate_mib"]}
 
 
@@ -144,6 +190,14 @@ def main() -> None:
     ap.add_argument("--passes", nargs="*", type=int, default=[0, 8],
                     help="frames a pass; 0 = one pass of all frames")
     ap.add_argument("--mode", default="stem", choices=["stem", "inflated", "per-frame"])
+    ap.add_argument("--model", default="sd15", choices=["sd15", "sdxl"],
+                    help="sdxl: a full-size random SDXL UNet (10 GB in fp32) on a random latent")
+    ap.add_argument("--cancel", action="store_true",
+                    help="also press Cancel 20 s into a second run of the step (halfway in a shorter one): seconds until it ends")
+    ap.add_argument("--unchecked", action="store_true",
+                    help="no memory check before the run (to measure cells the estimate refuses)")
+    ap.add_argument("--synthetic-latent", action="store_true",
+                    help="a seeded random latent instead of an encoded clip (no VAE time; same memory and time)")
     ap.add_argument("--one", nargs=3, type=int, metavar=("FRAMES", "SIZE", "FRAMES_PER_PASS"), help=argparse.SUPPRESS)
     ap.add_argument("--e2e", type=int, metavar="FRAMES", help="load, invert and edit a generated clip of FRAMES frames")
     ap.add_argument("--time-pairs", nargs=4, type=int, metavar=("FRAMES", "SIZE", "FRAMES_PER_PASS", "REPEATS"),
@@ -159,24 +213,28 @@ def main() -> None:
         print(json.dumps(time_pairs(*args.time_pairs, args.mode)))
         return
     if args.one:
-        print(json.dumps(one(*args.one, args.mode)))
+        print(json.dumps(one(*args.one, args.mode, args.model, args.synthetic_latent, args.cancel,
+                             args.unchecked)))
         return
-    print(f"1-step inversion, {args.mode} attention, {args.size}x{args.size}, CPU fp32; peak above the loaded model\n")
-    print("| frames | frames a pass | passes | s/step | peak MiB | estimate MiB | estimate / peak | MiB a frame |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"1-step inversion, {args.model}, {args.mode} attention, {args.size}x{args.size}, CPU fp32; "
+          "peak above the loaded model\n")
+    print("| frames | frames a pass | passes | s/step | peak MiB | estimate MiB | estimate / peak | MiB a frame | Cancel s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for F in args.frames:
         for n in args.passes:
             n = F if n == 0 else n
             if n > F:
                 continue
-            r, error = comfyui.fresh_process("benchmarks.bench_long_clips", "--mode", args.mode, "--one", str(F),
-                                             str(args.size), str(n), repo_root=REPO)
+            extra = (["--synthetic-latent"] * args.synthetic_latent + ["--cancel"] * args.cancel
+                     + ["--unchecked"] * args.unchecked)
+            r, error = comfyui.fresh_process("benchmarks.bench_long_clips", "--mode", args.mode, "--model", args.model,
+                                             *extra, "--one", str(F), str(args.size), str(n), repo_root=REPO)
             if r is None:
                 print(f"| {F} | {n} | failed: {error} |", flush=True)
                 continue
             print(f"| {F} | {r['frames_per_pass']} | {r['passes']} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | "
                   f"{r['estimate_mib']:.0f} | {r['estimate_mib'] / max(1.0, r['peak_mib']):.2f} | "
-                  f"{r['peak_mib'] / F:.1f} |", flush=True)
+                  f"{r['peak_mib'] / F:.1f} | {'' if r['cancel_s'] is None else r['cancel_s']} |", flush=True)
 
 
 if __name__ == "__main__":
