@@ -9,7 +9,11 @@ of a given size, :func:`plan_passes` picks the size, and :func:`tokenflow_step_b
 
 - A fixed part: buffers that do not grow with the clip (``fixed``).
 - A pass that computes holds the working activations of its rows: ``active`` bytes per token
-  and row.
+  and row for its first :data:`CHUNK_TOKENS` token-rows, ``beyond`` for each further one. The
+  per-frame modules (ResBlocks, samplers, feed-forwards) run a large pass in chunks of rows
+  (``stem.chunks``, for Cancel), so their intermediates stop growing at a chunk's size; what
+  still grows with the pass is what it keeps whole (each block's output, skip connections, the
+  attention layers' q, k, v).
 - A pass that waits at a self-attention (layer-synchronous passes) holds its skip connections,
   that layer's input, residual and norm output, and what the allocator keeps around them.
   STEM and inflated passes wait before the layer's projections (``held``); TokenFlow's keyframe
@@ -28,6 +32,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .chunks import WORK_PER_CHUNK
+
+# first-level token-rows that the per-frame modules compute at once (a chunk at 320 channels: 8
+# frames at 512x512, 32 at 256x256)
+CHUNK_TOKENS = WORK_PER_CHUNK // (320 * 320)
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -41,6 +51,7 @@ class Profile:
     gathered: int  # keys and values of every frame at the widest shared layer (inflated, TokenFlow)
     record_values: int  # TokenFlow: sum over the self-attentions of tokens x channels
     edit_active: int | None = None  # a frame-branch row of a TokenFlow pass, where it differs from ``active``
+    beyond: int | None = None  # a token-row of a computing pass beyond CHUNK_TOKENS (None: ``active``)
 
     @property
     def record_bytes(self) -> int:
@@ -48,15 +59,16 @@ class Profile:
         return 4 * self.record_values * 4
 
 
-# SD1.x/SD2.x, fitted to the README's table (CPU, fp32). The record: 5 layers at each of the 3
-# levels (N x 320, N/4 x 640, N/16 x 1280) and the middle (N/64 x 1280).
+# SD1.x/SD2.x, fitted to the README's tables (CPU, fp32): ``active`` at 256x256 and at 8 frames of
+# 512x512, ``beyond`` at 32, 64 and 120 frames of 512x512 in one pass. The record: 5 layers at each
+# of the 3 levels (N x 320, N/4 x 640, N/16 x 1280) and the middle (N/64 x 1280).
 SD1 = Profile("SD1.x/SD2.x", 110 * 2**20, 38_900, 11_500, 12_500, 2 * 320 * 4,
-              5 * 320 + 5 * 640 // 4 + 5 * 1280 // 16 + 1280 // 64)
-# SDXL: ``active`` and ``edit_active`` measured (benchmarks/bench_sdxl.py); the waiting parts from
-# its layout relative to SD1.x (no attention at the first level; 10 transformer blocks at
-# N/4 x 640 and 60 at N/16 x 1280; skip connections of about SD1.x's size), not measured.
-SDXL = Profile("SDXL", 110 * 2**20, 32_000, 11_500, 13_000, 2 * 640 // 4 * 4, 10 * 640 // 4 + 60 * 1280 // 16,
-               edit_active=89_900)
+              5 * 320 + 5 * 640 // 4 + 5 * 1280 // 16 + 1280 // 64, beyond=20_500)
+# SDXL: ``active``, ``beyond`` and ``held`` fitted at 2 and 4 frames of 1024x1024, in one pass and
+# in passes of 2 (bench_long_clips --model sdxl); ``edit_active`` measured (benchmarks/bench_sdxl.py);
+# ``held_qkv`` is ``held`` plus q, k, v at its first attention level (N/4 x 640), not measured.
+SDXL = Profile("SDXL", 110 * 2**20, 29_000, 4_000, 6_000, 2 * 640 // 4 * 4, 10 * 640 // 4 + 60 * 1280 // 16,
+               edit_active=89_900, beyond=9_000)
 PROFILES = {p.name: p for p in (SD1, SDXL)}
 # what a plan may take of the memory that is free: the rest is headroom for the host
 DEFAULT_SHARE = 0.8
@@ -93,7 +105,9 @@ def call_bytes(call: CallShape, frames_per_pass: int, holds_qkv: bool = False, e
     the profile has one)."""
     p, frames, rows = call.profile, call.frames, call.rows_per_frame
     n = max(1, min(int(frames_per_pass), int(frames)))
-    active = ((p.edit_active or p.active) if edit else p.active) * call.tokens * n * rows
+    computing = call.tokens * n * rows
+    first = (p.edit_active or p.active) if edit else p.active
+    active = first * min(computing, CHUNK_TOKENS) + (p.beyond or first) * max(0, computing - CHUNK_TOKENS)
     held = (p.held_qkv if holds_qkv else p.held) * call.tokens * (frames - n) * rows
     gathered = p.gathered * call.tokens * frames * rows if call.inflated and n < frames else 0
     return int(p.fixed + (active + held + gathered) * call.element_size / 4)
