@@ -66,3 +66,17 @@ def test_sdxl_has_its_own_profile():
     assert call_bytes(xl, 8) != call_bytes(CallShape(8, N), 8)
     assert SDXL.record_values == 6400 and SD1.record_values == 2820  # 70 self-attentions against 16
     assert plan_passes(xl, None)[0].estimated_bytes == call_bytes(xl, 8)
+
+
+def test_a_computing_pass_grows_by_beyond_past_a_chunk_of_rows():
+    """Past CHUNK_TOKENS token-rows the per-frame modules work in chunks: each further token-row of
+    the computing pass costs ``beyond``, not ``active``; below it nothing changed."""
+    from stem.memory import CHUNK_TOKENS, SD1, CallShape, call_bytes
+
+    assert CHUNK_TOKENS == 8 * 64 * 64  # 8 frames of 512x512
+    one = lambda frames, rows=1: call_bytes(CallShape(frames, 64 * 64, rows), frames)  # noqa: E731
+    assert one(8) - one(4) == SD1.active * 4 * 4096
+    assert one(16) - one(8) == SD1.beyond * 8 * 4096 < SD1.active * 8 * 4096
+    assert one(4, rows=2) == one(8) - SD1.fixed + SD1.fixed  # rows count as frames do
+    half = call_bytes(CallShape(16, 4096, element_size=2), 16)
+    assert half - SD1.fixed == (one(16) - SD1.fixed) // 2
