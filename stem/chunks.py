@@ -10,8 +10,8 @@ The work of a row is taken as ``channels**2 * tokens`` (a convolution or linear 
 ``tokens`` positions of ``channels`` features; ``[B, C, H, W]`` or ``[B, N, C]``; :func:`row_work`)
 or, for an attention of ``tokens`` queries over ``keys`` keys, ``tokens * (keys + channels) *
 channels`` (its projections and its scores; :func:`attention_row_work`). The budget is the work of
-8 frames of a ResBlock at SD1.5's first level at 512x512 (64 x 64 tokens, 320 channels): about
-2 s on 2 CPU cores (the README's Cancel section).
+8 frames of a ResBlock at SD1.5's first level at 512x512 (64 x 64 tokens, 320 channels); the
+README's Cancel section has what that takes on a CPU.
 """
 from __future__ import annotations
 
