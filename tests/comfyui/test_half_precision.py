@@ -7,8 +7,9 @@ the model's input and conditioning are cast to it), and check that STEM Invert +
 a STEM-patched KSampler and TokenFlow Edit give finite outputs within a measured bound of the
 fp32 run:
 
-- the SD2.x-shaped model (fp32 attention precision): each job in one pass and in passes of 4,
-  8 frames of 64x64, 3 steps;
+- the SD2.x-shaped model (fp32 attention precision): 4 frames of 64x64, 3 steps, Invert +
+  Reconstruct in one pass and in passes of 2, the KSampler and TokenFlow Edit in passes of 2 (one
+  pass gave the same differences);
 - the small SDXL-topology model: each job in passes of 1, 2 frames, 2 steps;
 - the random SD1.5 checkpoint: Invert + Reconstruct in passes of 1, 2 frames, 1 step (its
   full-width layers take 5-50x longer in fp16 than in fp32 on a CPU, which has no fast fp16
@@ -29,7 +30,7 @@ import comfy_harness as harness
 
 HALF = [torch.float16, torch.bfloat16]
 # family: (frames, steps, pass sizes); 0 = one pass
-SHAPES = {"sd2": (8, 3, (0, 4)), "sdxl": (2, 2, (1,)), "sd15": (2, 1, (1,))}
+SHAPES = {"sd2": (4, 3, (0, 2)), "sdxl": (2, 2, (1,)), "sd15": (2, 1, (1,))}
 SIDE = 8
 # ||half - fp32|| / ||fp32||, about 3x the largest measured (README: "Half precision")
 BOUND = {("sd2", torch.float16): 0.015, ("sd2", torch.bfloat16): 0.12, ("sdxl", torch.float16): 0.03,
@@ -123,7 +124,7 @@ def relative(a, b) -> float:
 
 CASES = [(family, job, n) for family, (_, _, sizes) in SHAPES.items()
          for job in (("invert+reconstruct",) if family == "sd15" else ("invert+reconstruct", "ksampler", "tokenflow"))
-         for n in sizes]
+         for n in (sizes if job == "invert+reconstruct" else sizes[-1:])]
 
 
 @pytest.mark.parametrize("family, job, frames_per_pass", CASES,
