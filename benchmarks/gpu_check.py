@@ -52,6 +52,7 @@ def bootstrap(comfyui: str, device: str):
     comfy.cli_args.args.cpu = device == "cpu"  # before comfy.model_management is imported
     import comfy.model_management  # noqa: F401
 
+    sys.path.insert(0, str(REPO))  # testbed's random SDXL and its conditioning
     pkg = types.ModuleType(PACK)
     pkg.__path__ = [str(REPO)]
     sys.modules[PACK] = pkg
@@ -83,27 +84,29 @@ def random_sd15(dtype, device, tiny: bool, seed: int = 0):
 
 
 def random_sdxl(dtype, device, seed: int = 0):
-    """A full-size SDXL UNet (ComfyUI's SDXL classes, random weights) in ``dtype`` on ``device``."""
-    sys.path.insert(0, str(REPO))
+    """A full-size SDXL UNet (``testbed.models.random_sdxl``: ComfyUI's SDXL classes, random
+    weights) in ``dtype`` on ``device``."""
+    import torch
+
     from testbed.models import random_sdxl as build
 
     m = build(seed=seed, std=0.02)
     m.model.to(device=device, dtype=dtype)
     m.model.diffusion_model.dtype = dtype
     m.model.manual_cast_dtype = None
-    m.load_device = m.offload_device = __import__("torch").device(device)
+    m.load_device = m.offload_device = torch.device(device)
     return m
 
 
-def _cond(width: int, dim: int, seed: int, device: str, sdxl: bool = False):
+def _cond(width: int, dim: int, seed: int, sdxl: bool = False):
+    """Random conditioning as CLIP Text Encode gives it (SDXL's: ``testbed.models.sdxl_conditioning``)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    extra = {}
     if sdxl:
-        extra = {"pooled_output": torch.randn(1, 1280, generator=g), "width": width, "height": width, "crop_w": 0,
-                 "crop_h": 0, "target_width": width, "target_height": width}
-    return [[torch.randn(1, 77, dim, generator=g), extra]]
+        from testbed.models import sdxl_conditioning
+
+        return sdxl_conditioning(seed, width, width)
+    return [[torch.randn(1, 77, dim, generator=torch.Generator().manual_seed(seed)), {}]]
 
 
 class Case:
@@ -275,14 +278,14 @@ def main(argv=None) -> int:
               "dtype": args.dtype, "torch": torch.__version__, "tiny": args.tiny, "nodes": [], "attention": []}
     model = random_sd15(dtype, args.device, args.tiny)
     for frames in args.frames:
-        report["nodes"] += node_rows(pack, "SD1.5", model, _cond(args.size, 768, 2, args.device), frames, args.size,
+        report["nodes"] += node_rows(pack, "SD1.5", model, _cond(args.size, 768, 2), frames, args.size,
                                      args.device)
         print(f"SD1.5, {frames} frames: done at {time.perf_counter() - t0:.0f} s", flush=True)
     del model
     if args.sdxl and not args.tiny:
         xl = random_sdxl(dtype, args.device)
         for frames in (4, 8):
-            report["nodes"] += node_rows(pack, "SDXL", xl, _cond(args.sdxl_size, 2048, 2, args.device, True), frames,
+            report["nodes"] += node_rows(pack, "SDXL", xl, _cond(args.sdxl_size, 2048, 2, True), frames,
                                          args.sdxl_size, args.device)
         del xl
     tokens = 256 if args.tiny else 4096

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from ...stem.fatezero import CrossControl, attend_probabilities, attention_probabilities, blend_mask, fuse, word_map
+from .cancel import with_cancel_checks
 from .layer import site_key
 from .passes import LayerSync, joined, parted
 
@@ -231,7 +232,6 @@ def build_edit_model(model, layers: FateZeroLayers):
     Patch's own passes are removed (the edit runs its branches' passes itself)."""
     import comfy.patcher_extension
 
-    from .cancel import with_cancel_checks
     from .passes import WRAPPER_KEY as PASSES_WRAPPER_KEY
     from .unet import attn1_sites
 
