@@ -136,7 +136,7 @@ def fatezero_edit(model, clip, inv: Inversion, prompts: tuple[str, str, str],
     log.info("FateZero Edit: the source replays %s; the edit attends with %s; %s controller",
              trace.source_attention, trace.own_attention, settings.controller)
     layers = FateZeroLayers(attention_function(inverted), attention_function(own), control, blend_source, blend_target)
-    bar = PassProgress(model, plan.passes(inv.num_frames)) if progress else None
+    bar = PassProgress(model, plan.passes(inv.num_frames), len(levels) - 1) if progress else None
     guider = FateZeroGuider(build_edit_model(model, layers), plan, inv, bar, settings.blend_latents)
     guider.set_branches(target_cond, negative_cond, inversion_conditioning(inv))
     start = inv.latent_at(ts[0]).clone()  # the inversion's noisiest latent on the edit's schedule

@@ -17,6 +17,7 @@ import torch
 from ...stem.memory import DEFAULT_SHARE, CallShape, PassPlan, plan_fatezero, plan_passes, plan_tokenflow
 from .layer import chunk_count
 from .memory import free_memory
+from .progress import show_text
 from .pack import StemError
 from .settings import AttentionSettings
 from .unet import memory_profile
@@ -65,6 +66,7 @@ def _fitting_plan(node: str, plan: Callable[[int], tuple[PassPlan, bool]], reque
     chosen, fits = plan(requested)
     if fits:
         log.info("%s: %s (%s %s)", node, describe(chosen), input_name, requested or "auto")
+        show_text(f"{describe(chosen)} ({input_name} {requested or 'auto'})")
         return chosen
     budget = f"{free / 2**30:.2f} GiB is free and a run may take {int(DEFAULT_SHARE * 100)}% of it"
     if unsplit is not None:

@@ -111,7 +111,7 @@ def tokenflow_edit(model, inv: Inversion, positive, negative, settings: TokenFlo
     plan = EditPlan(ts, levels[:-1], settings.batch_size, window_threshold(levels[:-1], int(steps * settings.pnp_attn_t)),
                     window_threshold(levels[:-1], int(steps * settings.pnp_f_t)), settings.true_keyframe_positions,
                     settings.cfg, trace.plan.frames_per_pass)
-    bar = PassProgress(model, steps * plan.passes(inv.num_frames)) if progress else None
+    bar = PassProgress(model, steps * plan.passes(inv.num_frames), steps, plan.passes(inv.num_frames)) if progress else None
     trace.layout = settings.layout(model)
     log.info("TokenFlow Edit: %s", trace.layout.describe())
     guider = TokenFlowGuider(build_edit_model(model, trace.layout), plan, inv, settings.seed, bar, trace)
