@@ -520,6 +520,11 @@ class LocalComfy:
         self.sockets_metadata: dict = {}
         self.messages: list[tuple[str, dict]] = []
         self.cancelled = False
+        self.staging: str | None = None
+        level = logging.INFO if verbose else logging.WARNING
+        # ComfyUI's notes on optional nodes it could not import while it starts: -v shows them
+        logging.basicConfig(level=level if verbose else logging.ERROR, format="%(message)s", stream=sys.stderr,
+                            force=True)
         if comfy_path in sys.path:
             sys.path.remove(comfy_path)
         sys.path.insert(0, comfy_path)
@@ -559,10 +564,6 @@ class LocalComfy:
 
         import execution
         import nodes
-        level = logging.INFO if verbose else logging.WARNING
-        logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-        if not verbose:  # ComfyUI's notes on optional nodes it could not import (-v shows them)
-            logging.getLogger().setLevel(logging.ERROR)
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
         if "STEMTokenFlowEdit" not in nodes.NODE_CLASS_MAPPINGS:  # this pack is not in custom_nodes
             if not asyncio.run(nodes.load_custom_node(PACK, ignore=set(), module_parent="custom_nodes")):
@@ -607,6 +608,11 @@ class LocalComfy:
         self.cancelled = True
         comfy.model_management.interrupt_current_processing(True)
 
+    def discard(self) -> None:
+        """Before quitting at once: remove the running prompt's staging folder."""
+        if self.staging:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
     def available_checkpoints(self) -> list[str]:
         return self.folder_paths.get_filename_list("checkpoints")
 
@@ -624,7 +630,7 @@ class LocalComfy:
         if not valid or node_errors:
             return Outcome("invalid", format_validation(prompt, error, node_errors))
         os.makedirs(out_dir, exist_ok=True)
-        staging = os.path.join(out_dir, f".stem-run-{prompt_id[:8]}")
+        self.staging = staging = os.path.join(out_dir, f".stem-run-{prompt_id[:8]}")
         fp.set_output_directory(staging)
         fp.set_temp_directory(os.path.join(staging, ".temp"))
         self.messages, self.last_prompt_id = [], prompt_id
@@ -653,6 +659,7 @@ class LocalComfy:
             return Outcome("done", files=files, cached=[str(n) for n in cached], seconds=seconds)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            self.staging = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -675,9 +682,16 @@ class RemoteComfy:
         self.client_id = f"stem-run-{uuid.uuid4().hex[:8]}"
         self.cancelled = False
         self.uploaded: dict[str, str] = {}
+        self.part: str | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def discard(self) -> None:
+        """Before quitting at once: remove a download in progress."""
+        if self.part:
+            with contextlib.suppress(OSError):
+                os.remove(self.part)
 
     def available_checkpoints(self) -> list[str] | None:
         return None  # the server's validation says it
@@ -790,7 +804,7 @@ class RemoteComfy:
         subfolder, _, filename = rel.rpartition("/")
         dst = free_path(os.path.join(out_dir, *rel.split("/")))
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        part = dst + ".part"
+        self.part = part = dst + ".part"
         params = {"filename": filename, "subfolder": subfolder, "type": "output"}
         try:
             async with session.get(self.url + "/view", params=params) as r:
@@ -802,6 +816,7 @@ class RemoteComfy:
         finally:
             with contextlib.suppress(OSError):
                 os.remove(part)
+            self.part = None
         return dst
 
 
@@ -925,6 +940,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_sigint(signum, frame):
         if runner.cancelled:
             print("\nquitting at once", file=sys.stderr)
+            runner.discard()
             os._exit(EXIT_CANCELLED)
         print("\nCtrl-C: cancelling (within seconds); press Ctrl-C again to quit at once", file=sys.stderr)
         runner.cancel()
