@@ -30,6 +30,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # comfy_harness, whatever the import mode
 import comfy_harness as H  # noqa: E402
+import comfy_server  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -190,3 +191,10 @@ def make_clip(comfy_env):
 def clip_8x64(make_clip):
     """An 8-frame 64x64 mp4 (moving red disc and yellow square) in the input folder: its name."""
     return make_clip("stem_clip_8x64.mp4", frames=8, width=64, height=64)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, comfy_env):
+    """A ComfyUI server on 127.0.0.1 for the session (comfy_server.running_server): .url, .base,
+    .output, .ckpt (the random checkpoint's name there), .log, .proc."""
+    yield from comfy_server.running_server(tmp_path_factory.mktemp("server"), comfy_env.comfyui_path)

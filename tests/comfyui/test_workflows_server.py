@@ -1,25 +1,16 @@
 """The bundled workflows (workflows/api/*.json) queued on a real ComfyUI server over HTTP.
 
-One server per module: ``main.py --cpu`` from $COMFYUI_PATH with this interpreter, bound to
-127.0.0.1 on a free port, with ``--base-directory`` a temporary folder holding
-custom_nodes/ComfyUI-STEM (a symlink to this repo; the user's ComfyUI checkout is not touched
-and none of its other custom nodes load), models/checkpoints (the random SD1.5 checkpoint),
-input/ (a generated 8-frame 64x64 clip) and output/. Each workflow is sent as it is committed,
-with only the file names and a few sizes made small (by node class and input name), and must
-run to completion and write its videos.
+The session's server (comfy_server.py, the ``server`` fixture of conftest.py). Each workflow is
+sent as it is committed, with only the file names and a few sizes made small (by node class and
+input name), and must run to completion and write its videos.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import types
 import urllib.error
 import urllib.request
 import uuid
@@ -28,12 +19,10 @@ from pathlib import Path
 import pytest
 
 import comfy_harness as H
+from comfy_server import CLIP, FRAMES, SIZE, TIMES, http as _http, log_tail as _log_tail
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOW_DIR = REPO / "workflows"
-CLIP = "stem_workflow_clip.mp4"
-FRAMES, SIZE = 2, 64
-START_TIMEOUT = 240
 RUN_TIMEOUT = 600
 
 # What the tests change: (class_type, input) -> value; "<ckpt>" / "<clip>" are filled in.
@@ -47,7 +36,6 @@ SMALL = {
     ("STEMTokenFlowEdit", "batch_size"): 2,
     ("KSampler", "steps"): 2,
 }
-TIMES: dict[str, float] = {}
 
 
 def _generator():
@@ -60,77 +48,6 @@ def _generator():
 
 GEN = _generator()
 NAMES = sorted(GEN.WORKFLOWS)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http(url: str, data: dict | None = None, timeout: float = 30):
-    body = None if data is None else json.dumps(data).encode()
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read().decode() or "null")
-
-
-def _log_tail(path: Path, n: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, comfy_env):
-    base = tmp_path_factory.mktemp("server")
-    dirs = {k: base / k for k in ("input", "output", "custom_nodes", "user", "temp")}
-    for d in dirs.values():
-        d.mkdir()
-    (dirs["custom_nodes"] / "ComfyUI-STEM").symlink_to(REPO, target_is_directory=True)
-    ckpt_dir = base / "models" / "checkpoints"
-    ckpt_dir.mkdir(parents=True)
-    ckpt, _ = H.provide_sd15_checkpoint(ckpt_dir)
-    H.write_video_clip(dirs["input"] / CLIP, FRAMES, SIZE, SIZE, 8.0)
-    port = _free_port()
-    log = base / "server.log"
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", str(base), "--input-directory", str(dirs["input"]),
-           "--output-directory", str(dirs["output"]), "--temp-directory", str(dirs["temp"]),
-           "--user-directory", str(dirs["user"]), "--disable-auto-launch", "--disable-api-nodes",
-           # the default database is ComfyUI/user/comfyui.db inside the checkout: keep it in base
-           "--database-url", f"sqlite:///{dirs['user'] / 'comfyui.db'}"]
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.perf_counter()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=comfy_env.comfyui_path, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {proc.returncode} while starting:\n{_log_tail(log)}")
-            with contextlib.suppress(OSError, ValueError):
-                _http(url + "/system_stats", timeout=5)
-                break
-            if time.perf_counter() - t0 > START_TIMEOUT:
-                pytest.fail(f"ComfyUI did not answer within {START_TIMEOUT}s:\n{_log_tail(log)}")
-            time.sleep(0.5)
-        TIMES["server start"] = time.perf_counter() - t0
-        yield types.SimpleNamespace(url=url, base=base, output=dirs["output"], ckpt=ckpt, log=log, proc=proc)
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=20)
-        link = ckpt_dir / ckpt
-        if link.exists() and not link.is_symlink():  # built without a cache: do not leave 2 GB behind
-            link.unlink()
 
 
 def small_prompt(api: dict, ckpt: str) -> dict:
