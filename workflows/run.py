@@ -648,14 +648,17 @@ class LocalComfy:
                 return Outcome("cancelled", "cancelled (Ctrl-C); nothing was written", seconds=seconds)
             if failure or not self.executor.success:
                 return Outcome("failed", format_failure(prompt, failure[1] if failure else {}), seconds=seconds)
-            files = []
-            for node_id, rel, kind in output_files(self.executor.history_result):
-                src = os.path.join(staging, *rel.split("/"))
-                if kind == "output" and os.path.isfile(src):
+            labels = {rel: node_label(prompt, node_id)
+                      for node_id, rel, kind in output_files(self.executor.history_result) if kind == "output"}
+            files = []  # everything written (a node may write more than it reports, e.g. a CSV)
+            for folder, dirs, names in os.walk(staging):
+                dirs[:] = sorted(d for d in dirs if os.path.join(folder, d) != os.path.join(staging, ".temp"))
+                for filename in sorted(names):
+                    rel = os.path.relpath(os.path.join(folder, filename), staging).replace(os.sep, "/")
                     dst = free_path(os.path.join(out_dir, *rel.split("/")))
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
-                    os.replace(src, dst)
-                    files.append((node_label(prompt, node_id), dst))
+                    os.replace(os.path.join(folder, filename), dst)
+                    files.append((labels.get(rel, "also written"), dst))
             return Outcome("done", files=files, cached=[str(n) for n in cached], seconds=seconds)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
