@@ -150,29 +150,79 @@ def test_split_frames_are_refused_clearly(sd):
         patch(q, q, q, eo)
 
 
-def ksample(sd, model, cfg=7.5, seed=3, steps=2):
-    """Core KSampler on 4 empty 64x64 latents, called directly (one model in memory)."""
+def ksample(sd, model, cfg=7.5, seed=3, steps=1):
+    """Core KSampler on 4 empty 64x64 latents, called directly (one model in memory); one step
+    unless said otherwise: one guided UNet call, which is what the tests compare."""
     import nodes
 
     latent = {"samples": torch.zeros(4, 4, 8, 8)}
     return nodes.KSampler().sample(model, seed, steps, cfg, "ddim", "ddim_uniform", sd.positive, sd.negative, latent)[0]["samples"]
 
 
+@pytest.fixture(scope="module")
+def plain_ksample(sd):
+    """plain_ksample(cfg): ``ksample`` of the plain model, run once per cfg in this module (the
+    first time a test asks for it) and compared against by the tests that follow."""
+    done = {}
+
+    def get(cfg=7.5):
+        if cfg not in done:
+            done[cfg] = ksample(sd, sd.model, cfg)
+        return done[cfg]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def plain_edit(sd, inversions, plain_ksample):
+    """TokenFlow Edit of the STEM inversion on the plain model (batch_size 4, seed 3, 2 steps), run
+    once for the tests that compare against it. The plain model's KSampler output (cfg 7.5) is
+    taken before it, so that it is from before this edit ran on the model."""
+    plain_ksample(7.5)
+    out, _ = edit(sd, sd.model, inversions["stem"][1], batch_size=4, seed=3, steps=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def edit_bs8(sd, inversions):
+    """TokenFlow Edit of the STEM inversion on the plain model (batch_size 8, seed 1, 2 steps: PnP
+    in the first step), run once for the tests that compare against it, with what it read:
+    ``.out`` (the edited latent), ``.trace`` (its RunTrace), ``.latents_read`` (the timesteps of
+    the inversion's latents it took, in order) and ``.feature_weights`` (the largest |weight| of
+    the PnP feature module's output layer at each of its calls)."""
+    inv = inversions["stem"][1]
+    latents_read, feature_weights = [], []
+    real_latent_at, real_forward = type(inv).latent_at, sd.hooks.FeatureInjection.forward
+
+    def latent_at(self, t):
+        latents_read.append(int(t))
+        return real_latent_at(self, t)
+
+    def forward(self, h):
+        feature_weights.append(self[3].weight.detach().abs().max().item())
+        return real_forward(self, h)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(type(inv), "latent_at", latent_at)
+        m.setattr(sd.hooks.FeatureInjection, "forward", forward)
+        out, trace = edit(sd, sd.model, inv, batch_size=8, seed=1, steps=2)
+    return types.SimpleNamespace(out=out, trace=trace, latents_read=latents_read, feature_weights=feature_weights)
+
+
 @pytest.mark.parametrize("cfg", [7.5, 1.0])
-def test_stem_patch_under_a_plain_ksampler_is_deterministic(sd, cfg):
+def test_stem_patch_under_a_plain_ksampler_is_deterministic(sd, plain_ksample, cfg):
     node = sd.patch.STEMAttentionPatch()
     patched = node.patch(sd.model, "stem", 16, 5, 0.01, 1, "whole clip", 8)[0]
     a = ksample(sd, patched, cfg)
     b = ksample(sd, node.patch(sd.model, "stem", 16, 5, 0.01, 1, "whole clip", 8)[0], cfg)
     assert torch.isfinite(a).all() and torch.equal(a, b)
-    assert not torch.allclose(a, ksample(sd, sd.model, cfg))  # the patch changed the attention
+    assert not torch.allclose(a, plain_ksample(cfg))  # the patch changed the attention
 
 
-def test_nodes_leave_the_upstream_model_untouched(sd, inversions):
+def test_nodes_leave_the_upstream_model_untouched(sd, inversions, plain_ksample, plain_edit):
     """A KSampler on the original MODEL gives bit-identical output before and after our nodes
-    ran on it."""
-    before = ksample(sd, sd.model)
-    edit(sd, sd.model, inversions["stem"][1], batch_size=4, steps=2)
+    ran on it (TokenFlow Edit: the plain_edit fixture, which runs after the KSampler's first run)."""
+    before = plain_ksample(7.5)
     sd.inv.reconstruct(inversions["stem"][0], inversions["stem"][1])
     after = ksample(sd, sd.model)
     assert torch.equal(before, after)
@@ -236,11 +286,19 @@ def test_reconstructing_with_another_attention_says_so(sd, inversions):
     """A STEM inversion run back with the plain model does not return the clip: the node says
     which attention the inversion was made with and what the model has."""
     _, inv, _ = inversions["stem"]
-    out = sd.inv_nodes.STEMReconstruct().reconstruct(sd.model, inv)
+    out = sd.inv_nodes.STEMReconstruct().reconstruct(sd.model, first_step(sd, inv))
     (note,) = out["ui"]["text"]
     assert note.startswith("STEM Reconstruct: the inversion was made with STEM attention (256 bases")
     assert "this model has per-frame attention" in note
-    assert isinstance(sd.inv_nodes.STEMReconstruct().reconstruct(*inversions["vanilla"][:2]), tuple)  # nothing to say
+    model, inv = inversions["vanilla"][:2]
+    assert isinstance(sd.inv_nodes.STEMReconstruct().reconstruct(model, first_step(sd, inv)), tuple)  # nothing to say
+
+
+def first_step(sd, inv):
+    """The inversion's first step on its own, itself a 1-step inversion of the clip (a 1-step
+    schedule's one timestep is 1, the first of every schedule): its settings, one step to run."""
+    return sd.inversion.Inversion(inv.latents[:2], inv.timesteps[:1], inv.sigmas[:2], inv.cond, inv.pooled,
+                                  {**inv.settings, "steps": 1})
 
 
 def test_an_api_prompt_with_tokenflows_old_input_name_is_mapped(run_prompt, sd15_checkpoint, clip_8x64, caplog):
@@ -248,7 +306,7 @@ def test_an_api_prompt_with_tokenflows_old_input_name_is_mapped(run_prompt, sd15
     ComfyUI alone would drop it; the node uses it as keyframes_per_pass and says so."""
     import logging
 
-    graph = edit_graph(sd15_checkpoint, clip_8x64)
+    graph = edit_graph(sd15_checkpoint, clip_8x64, steps=1)  # one step: the passes of 3 + 1 keyframes run once
     graph["7"]["inputs"]["seed"] = 2  # an inversion of its own: later graphs find none of these nodes cached
     graph["10"]["inputs"].update(batch_size=2, frames_per_pass=3)  # 4 keyframes: passes of 3 + 1
     del graph["12"]
@@ -297,11 +355,11 @@ def test_tokenflow_pnp_and_propagation_fire_at_reference_blocks_and_steps(sd, in
             assert len(counts[(step, KF)]) == 16 and set(counts[(step, KF)].values()) == {1}
 
 
-def test_tokenflow_split_branches_give_the_same_edit(sd, inversions, monkeypatch, stem_pack):
+def test_tokenflow_split_branches_give_the_same_edit(sd, inversions, edit_bs8, monkeypatch, stem_pack):
     """When ComfyUI cannot batch the three branches, the edit redoes the pass source-first and
-    the result is the same as the single-call edit."""
+    the result is the same as the single-call edit (edit_bs8)."""
     inv = inversions["stem"][1]
-    a, tr_a = edit(sd, sd.model, inv, batch_size=8, seed=2, steps=2)
+    a, tr_a = edit_bs8.out, edit_bs8.trace
 
     class ForcedSplit(sd.tf.RunTrace):
         def __init__(self, *args, **kwargs):
@@ -310,7 +368,7 @@ def test_tokenflow_split_branches_give_the_same_edit(sd, inversions, monkeypatch
 
     monkeypatch.setattr(sd.tf, "RunTrace", ForcedSplit)
     probe = TokenFlowProbe(monkeypatch, stem_pack)
-    b, tr_b = edit(sd, sd.model, inv, batch_size=8, seed=2, steps=2)
+    b, tr_b = edit(sd, sd.model, inv, batch_size=8, seed=1, steps=2)
     assert not tr_a.split_calls and tr_b.split_calls
     assert probe.split_calls == 2 * 2  # the source branch alone, in each of the 2 passes of each step
     # the UNet runs on batches of 3 and of 1 + 2 chunks: the same sums in another order. Depth:
@@ -318,15 +376,16 @@ def test_tokenflow_split_branches_give_the_same_edit(sd, inversions, monkeypatch
     harness.assert_fp32_close(b, a, depth=400, gain=7.5)
 
 
-def test_tokenflow_in_row_chunks_is_the_whole_batch_edit_and_keeps_its_feature_block_whole(sd, inversions, stem_pack):
+def test_tokenflow_in_row_chunks_is_the_whole_batch_edit_and_keeps_its_feature_block_whole(sd, inversions, edit_bs8,
+                                                                                             stem_pack):
     """With every per-frame module computing one row at a time (Cancel's chunks, at a budget that
-    cuts even these small batches), the edit is the whole-batch edit to fp32 rounding; the ResBlock
-    around TokenFlow's feature injection, which reads the batch's branches, stays whole."""
+    cuts even these small batches), the edit is the whole-batch edit (edit_bs8) to fp32 rounding;
+    the ResBlock around TokenFlow's feature injection, which reads the batch's branches, stays whole."""
     cancel = harness.pack_submodule(stem_pack, "nodes.host.cancel")
-    model, inv, _ = inversions["vanilla"]
-    whole, _ = edit(sd, model, inv, steps=2)
-    rows = cancel.with_row_chunks(model, budget=1)
-    chunked, _ = edit(sd, rows, inv, steps=2)
+    inv = inversions["stem"][1]
+    whole = edit_bs8.out
+    rows = cancel.with_row_chunks(sd.model, budget=1)
+    chunked, _ = edit(sd, rows, inv, batch_size=8, seed=1, steps=2)
     harness.assert_fp32_close(chunked, whole, depth=100 * 2, gain=7.5)
     built = sd.hooks.build_edit_model(rows)
     assert "diffusion_model.output_blocks.4.0.out_layers" in built.object_patches
@@ -334,11 +393,12 @@ def test_tokenflow_in_row_chunks_is_the_whole_batch_edit_and_keeps_its_feature_b
     assert type(built.object_patches["diffusion_model.output_blocks.4.1.transformer_blocks.0.ff"]).row_chunk_budget == 1
 
 
-def test_tokenflow_edit_is_seeded(sd, inversions):
+def test_tokenflow_edit_is_seeded(sd, inversions, plain_edit):
+    """The same seed gives the same edit, bit for bit: here again that of plain_edit, which ran
+    before this module's other edits."""
     inv = inversions["stem"][1]
-    a, _ = edit(sd, sd.model, inv, batch_size=4, seed=5, steps=2)
-    b, _ = edit(sd, sd.model, inv, batch_size=4, seed=5, steps=2)
-    assert torch.equal(a, b)
+    again, _ = edit(sd, sd.model, inv, batch_size=4, seed=3, steps=2)
+    assert torch.equal(again, plain_edit)
 
 
 def test_edit_refuses_bad_inputs_clearly(sd, inversions):
@@ -356,10 +416,11 @@ def test_edit_refuses_bad_inputs_clearly(sd, inversions):
         sd.inv_nodes.STEMReconstruct().reconstruct(sd.model, inv, source_latent=small)
 
 
-def test_weight_patches_reach_the_layers_tokenflow_wraps(sd, inversions, monkeypatch):
+def test_weight_patches_reach_the_layers_tokenflow_wraps(sd, inversions, edit_bs8, monkeypatch):
     """A LoRA is a weight patch on the MODEL; one on a layer inside the module TokenFlow Edit
     replaces with add_object_patch (output_blocks.4.0.out_layers) is applied during the edit,
-    and the upstream model keeps no patch."""
+    and the upstream model keeps no patch. (The same edit of the plain model, edit_bs8, saw the
+    layer's own weight, recorded the same way.)"""
     key = f"{PNP_FEATURE_MODULE}.3.weight"
     weight = sd.model.model_state_dict()[key]
     patched = sd.model.clone()
@@ -375,9 +436,7 @@ def test_weight_patches_reach_the_layers_tokenflow_wraps(sd, inversions, monkeyp
     inv = inversions["stem"][1]
     edit(sd, patched, inv, batch_size=8, seed=1, steps=2)
     assert seen and max(seen) == 0.0
-    seen.clear()
-    edit(sd, sd.model, inv, batch_size=8, seed=1, steps=2)
-    assert seen and min(seen) > 0.0 and key not in sd.model.patches
+    assert edit_bs8.feature_weights and min(edit_bs8.feature_weights) > 0.0 and key not in sd.model.patches
 
 
 def random_controlnet(sd):
@@ -401,7 +460,9 @@ def random_controlnet(sd):
 def test_tokenflow_passes_get_their_own_frames_controlnet_hints(sd, inversions, monkeypatch):
     """A ControlNet with one hint per frame: every keyframe and propagation pass sees the hints
     of its own frames (ComfyUI alone would hand each pass the first hints of the clip), the
-    hint batch is put back afterwards, and the ControlNet changes the edit."""
+    hint batch is put back afterwards, and the ControlNet changes the edit. One editing step with
+    both PnP windows open: the keyframe passes, their redo source-first and the propagation
+    passes of a step, as in the first step of a longer edit."""
     import nodes
 
     inv = inversions["stem"][1]
@@ -442,20 +503,23 @@ def test_tokenflow_passes_get_their_own_frames_controlnet_hints(sd, inversions, 
         seen.clear()
         return passes
 
-    out, _ = edit(sd, sd.model, inv, positive=pos, negative=neg, batch_size=4, seed=3, steps=2)
+    one_step = dict(batch_size=4, seed=3, steps=1, pnp_attn_t=1.0, pnp_f_t=1.0)
+    out, _ = edit(sd, sd.model, inv, positive=pos, negative=neg, **one_step)
     expected = [frames for kf in keyframes for frames in (kf, [0, 1, 2, 3], [4, 5, 6, 7])]
-    assert len(keyframes) == 2 and passes_seen() == expected
+    assert len(keyframes) == 1 and passes_seen() == expected
     assert applied.cond_hint_original is original_hint
     # keyframes in passes of one: their UNet calls run interleaved, each with its hint
     keyframes.clear()
-    split, _ = edit(sd, sd.model, inv, positive=pos, negative=neg, batch_size=4, seed=3, steps=2, keyframes_per_pass=1)
+    split, _ = edit(sd, sd.model, inv, positive=pos, negative=neg, keyframes_per_pass=1, **one_step)
     expected = [frames for kf in keyframes for frames in ([kf[0]], [kf[1]], [0, 1, 2, 3], [4, 5, 6, 7])]
+    assert len(keyframes) == 1
     # ComfyUI cannot batch the source (no ControlNet) with the edit branches: the first keyframe
     # passes are redone source-first, both passes again
     expected = expected[:2] + expected
     assert passes_seen() == expected and applied.cond_hint_original is original_hint
+    # (measured here: another keyframe draw, or no PnP, moves the edit 30x this tolerance)
     harness.assert_fp32_close(split, out, depth=100, gain=7.5)
-    plain, _ = edit(sd, sd.model, inv, batch_size=4, seed=3, steps=2)
+    plain, _ = edit(sd, sd.model, inv, **one_step)
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
 
 
@@ -540,30 +604,23 @@ def test_v_prediction_models_invert_and_reconstruct(sd):
         sd.unet.check_model(x0_model)
 
 
-def test_fewer_edit_steps_use_a_subset_of_the_inversion_timesteps(sd, inversions, monkeypatch):
+def test_fewer_edit_steps_use_a_subset_of_the_inversion_timesteps(sd, inversions, edit_bs8):
     inv = inversions["stem"][1]  # timesteps 1, 251, 501, 751
     ts, levels = sd.sampling.edit_levels(inv, 2)
     assert ts == [501, 1]
     assert levels == [inv.sigmas[3].item(), inv.sigmas[1].item(), inv.sigmas[0].item()]
-    seen = []
-    real = type(inv).latent_at
-
-    def spy(self, t):
-        seen.append(int(t))
-        return real(self, t)
-
-    monkeypatch.setattr(type(inv), "latent_at", spy)
-    out, _ = edit(sd, sd.model, inv, batch_size=8, steps=2)
+    # edit_bs8: an edit of 2 steps, and the inversion latents it took
+    seen, out = edit_bs8.latents_read, edit_bs8.out
     assert seen[0] == 501  # the edit starts from the inversion's latent at its own first level
     assert seen[1:] == [501, 1] and torch.isfinite(out).all()
 
 
-def test_attention_modes_per_frame_is_sd_and_inflated_is_full_attention(sd, monkeypatch):
+def test_attention_modes_per_frame_is_sd_and_inflated_is_full_attention(sd, plain_ksample, monkeypatch):
     node = sd.patch.STEMAttentionPatch()
     per_frame = node.patch(sd.model, "per-frame", 16, 5, 0.01, 1, "whole clip", 8)[0]
     assert not per_frame.model_options["transformer_options"].get("patches_replace")
     assert sd.settings.AttentionSettings.of(per_frame).mode == "per-frame"
-    assert torch.equal(ksample(sd, per_frame, 1.0), ksample(sd, sd.model, 1.0))
+    assert torch.equal(ksample(sd, per_frame, 1.0), plain_ksample(1.0))
 
     patch = sd.attn.inflated_hooks(stem_settings(sd, attention="inflated"))[0]
     g = torch.Generator().manual_seed(0)
@@ -696,23 +753,23 @@ def test_attention_precision_reaches_every_attention_the_pack_calls(sd, monkeypa
 # --------------------------------------------------------------------------- what a new user met
 
 
-def test_tokenflow_edit_says_when_it_does_not_use_a_stem_patch(sd, inversions, caplog):
+def test_tokenflow_edit_says_when_it_does_not_use_a_stem_patch(sd, inversions, edit_bs8, caplog):
     """TokenFlow puts its own attention on every layer: a STEM-patched MODEL edits exactly like
-    the plain one, and the node says so in the log and on the node."""
+    the plain one (edit_bs8, the same settings), and the node says so in the log and on the node."""
     import logging
 
     inv = inversions["stem"][1]
     node = sd.node.TokenFlowEdit()
-    plain = node.edit(sd.model, inv, sd.positive, sd.negative, 7.5, 0.5, 0.8, 8, 1, steps=2)
     with caplog.at_level(logging.WARNING, logger="ComfyUI-STEM"):
         # passes of 3 frames too: TokenFlow's own passes must not be cut apart by the patch's
         patched = node.edit(stem_model(sd, frames_per_pass=3), inv, sd.positive,
                             sd.negative, 7.5, 0.5, 0.8, 8, 1, steps=2)
-    assert isinstance(plain, tuple)  # nothing to say
     (text,) = patched["ui"]["text"]
     assert "STEM Attention Patch ('stem'), which the edit does not use" in text
     assert any(r.getMessage() == text for r in caplog.records)
-    assert torch.equal(patched["result"][0]["samples"], plain[0]["samples"])
+    assert torch.equal(patched["result"][0]["samples"], edit_bs8.out)
+    # on the plain model the node has nothing to say (the inversion's first step: one step to run)
+    assert isinstance(node.edit(sd.model, first_step(sd, inv), sd.positive, sd.negative, 7.5, 0.5, 0.8, 8, 1), tuple)
 
 
 def test_errors_show_a_type_name_without_a_file_path(run_prompt, sd15_checkpoint, clip_8x64):
