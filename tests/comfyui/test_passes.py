@@ -59,18 +59,36 @@ def gain(mode: str) -> float:
     return 100.0 if mode == "stem" else 1.0
 
 
+@pytest.fixture(scope="module")
+def one_pass_step(sd):
+    """one_pass_step(mode, grouping): a 1-step inversion of the clip in one pass of 8 frames, and
+    the meetings of passes during it (count_meetings); made once per attention mode and
+    grouping, for both pass sizes that are compared with it."""
+    done = {}
+
+    def get(mode, grouping):
+        if (mode, grouping) not in done:
+            with pytest.MonkeyPatch.context() as m:
+                seen = count_meetings(m, sd)
+                done[mode, grouping] = (sd.inv.invert(patched(sd, mode, 8, grouping), sd.latent, sd.source, 1), seen)
+        return done[mode, grouping]
+
+    return get
+
+
 @pytest.mark.parametrize("frames_per_pass,passes", [(4, 2), (3, 3)])
 @pytest.mark.parametrize("mode,grouping", MODES)
-def test_an_inversion_step_in_passes_equals_the_one_pass_step(sd, monkeypatch, mode, grouping, frames_per_pass, passes):
+def test_an_inversion_step_in_passes_equals_the_one_pass_step(sd, one_pass_step, monkeypatch, mode, grouping,
+                                                              frames_per_pass, passes):
     """Passes of 4 + 4 or 3 + 3 + 2 frames against one pass of 8. The UNet's convolutions and
     matrix products then run on batches of another size, whose kernels may round differently
     (on our 2-core CPU passes of 4 gave the same bits, passes of 3 did not), so one step is
     compared, to fp32 rounding: over several steps STEM's EM turns any rounding change into a
     visible one, as it does for a change of thread count. For STEM and inflated the passes met
     at all 16 self-attentions of the call."""
+    one, one_meetings = one_pass_step(mode, grouping)
+    assert not one_meetings and one.settings["passes"] == 1
     seen = count_meetings(monkeypatch, sd)
-    one = sd.inv.invert(patched(sd, mode, 8, grouping), sd.latent, sd.source, 1)
-    assert not seen and one.settings["passes"] == 1
     many = sd.inv.invert(patched(sd, mode, frames_per_pass, grouping), sd.latent, sd.source, 1)
     assert (many.settings["frames_per_pass"], many.settings["passes"]) == (frames_per_pass, passes)
     assert seen == ([(passes, 16)] if mode != "per-frame" else [])  # per-frame: nothing to meet for
@@ -170,8 +188,17 @@ def test_cancel_ends_a_large_step_within_5_seconds(sd):
         pressed.append(time.perf_counter())
         mm.interrupt_current_processing(True)
 
-    timer = threading.Timer(10.0, press)  # the model is loaded: well inside the first step
-    timer.start()
+    # pressed 3 s after the UNet call began (its first input block done): well inside the call
+    timer = threading.Timer(3.0, press)
+    started = []
+
+    def start_the_timer(h, transformer_options):
+        if not started:
+            started.append(time.perf_counter())
+            timer.start()
+        return h
+
+    model.set_model_input_block_patch(start_the_timer)
     try:
         with pytest.raises(mm.InterruptProcessingException):
             sd.inv.invert(model, latent, sd.source, 2)
@@ -179,7 +206,7 @@ def test_cancel_ends_a_large_step_within_5_seconds(sd):
     finally:
         timer.cancel()
         mm.interrupt_current_processing(False)
-    assert pressed, "the run ended before Cancel was pressed"
+    assert started and pressed, "the run ended before Cancel was pressed"
     assert stopped - pressed[0] <= 5.0, f"Cancel took {stopped - pressed[0]:.1f} s"
 
 
