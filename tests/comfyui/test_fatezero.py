@@ -8,7 +8,7 @@ import torch
 
 import comfy_harness as harness
 
-STEPS = 4
+STEPS = 2  # the module's inversion: its tests edit in 1 step (a subset of its timesteps) or refuse
 SOURCE = "a man is playing tennis"
 
 
@@ -37,6 +37,13 @@ def stem_inversion(fz, mode="stem", steps=STEPS):
 @pytest.fixture(scope="module")
 def inv(fz):
     return stem_inversion(fz)
+
+
+@pytest.fixture(scope="module")
+def one_step(fz, inv):
+    """The edit of ``inv`` in one step with both windows open, in one pass of the 8 frames: what
+    the tests below compare the same step in passes, with FreeU and with a weight patch to."""
+    return edit(fz, inv, steps=1, self_replace_steps=1.0, frames_per_pass=8)
 
 
 def edit(fz, inversion, **kw):
@@ -85,12 +92,12 @@ def test_the_source_branch_replays_the_inversion_bit_for_bit(fz, monkeypatch):
     assert fused  # the source's map on the target's values, at the fused layers
 
 
-def test_fusion_changes_the_edit_and_passes_give_the_same_edit(fz, inv):
+def test_fusion_changes_the_edit_and_passes_give_the_same_edit(fz, inv, one_step):
     """Passes of 3 + 3 + 2 frames of each branch meet at every attention layer: the same edit as
-    one pass, to fp32 rounding (STEM's EM amplifies rounding, tau = 0.01); without any window the
-    edit is the target prompt's plain sampling from the inverted latent. One step, both windows
-    open."""
-    one = edit(fz, inv, steps=1, self_replace_steps=1.0, frames_per_pass=8)
+    one pass (one_step), to fp32 rounding (STEM's EM amplifies rounding, tau = 0.01); without any
+    window the edit is the target prompt's plain sampling from the inverted latent. One step, both
+    windows open."""
+    one = one_step
     many = edit(fz, inv, steps=1, self_replace_steps=1.0, frames_per_pass=3)
     harness.assert_fp32_close(many, one, depth=100, gain=7.5 * 100)
     plain = edit(fz, inv, steps=1, cross_replace_steps=0.0, self_replace_steps=0.0)
@@ -127,18 +134,18 @@ def test_a_run_that_cannot_fit_is_refused_with_its_estimate(fz, inv, monkeypatch
         edit(fz, inv)
 
 
-def test_fatezero_composes_with_freeu_and_weight_patches(fz, inv):
-    """FreeU and a LoRA-style weight patch on the editing model reach every branch's UNet call; the
-    upstream model keeps no patch."""
+def test_fatezero_composes_with_freeu_and_weight_patches(fz, inv, one_step):
+    """FreeU and a LoRA-style weight patch on the editing model reach every branch's UNet call
+    (their edits differ from one_step, the plain model's); the upstream model keeps no patch."""
     import comfy_extras.nodes_freelunch as freelunch
 
-    plain = edit(fz, inv, steps=1, self_replace_steps=1.0)
+    plain = one_step
     freeu = freelunch.FreeU().patch(fz.model, b1=1.2, b2=1.4, s1=0.9, s2=0.2)[0]
-    with_freeu = edit(fz, inv, model=freeu, steps=1, self_replace_steps=1.0)
+    with_freeu = edit(fz, inv, model=freeu, steps=1, self_replace_steps=1.0, frames_per_pass=8)
     key = "diffusion_model.output_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
     lora = fz.model.clone()
     assert lora.add_patches({key: (fz.model.model_state_dict()[key] * 0.5,)}, 1.0) == [key]
-    with_lora = edit(fz, inv, model=lora, steps=1, self_replace_steps=1.0)
+    with_lora = edit(fz, inv, model=lora, steps=1, self_replace_steps=1.0, frames_per_pass=8)
     for out in (with_freeu, with_lora):
         assert torch.isfinite(out).all() and not torch.allclose(out, plain, atol=1e-3)
     assert key not in fz.model.patches and not fz.model.model_options["transformer_options"].get("patches_replace")
