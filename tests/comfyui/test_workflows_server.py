@@ -293,6 +293,11 @@ def test_cancel_returns_the_servers_memory_and_the_next_prompt_runs(server):
     # (test_passes.py), so this bound leaves room for a busy machine, not for a step
     assert stopped < 30, f"Cancel took {stopped:.1f}s to end the prompt"
 
-    done = _wait(server, _queue(server, inversion_prompt(server.ckpt, 2, "stem/cancel_next")))
+    # the next prompt: the warm-up's graph again; its inversion runs anew (ComfyUI's cache holds the
+    # nodes of the last prompt, whose inversion was the cancelled one), the clip's latent is cached
+    # ("4": so the cached list below is read from where ComfyUI reports it)
+    done = _wait(server, _queue(server, inversion_prompt(server.ckpt, 1, "stem/cancel_next")))
     assert done["status_str"] == "success", done
+    cached = [n for m in done.get("messages", []) if m[0] == "execution_cached" for n in m[1].get("nodes", [])]
+    assert "6" not in cached and "4" in cached, f"the inversion did not run again: cached {cached}"
     assert list((server.output / "stem").glob("cancel_next_*.safetensors"))
