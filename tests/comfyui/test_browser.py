@@ -55,15 +55,17 @@ else:
 
 def small_settings(ckpt: str, clip: str) -> list[tuple[str, str, object, bool]]:
     """(node type, widget, value, required): what a user on a slow CPU would change. required:
-    every node of that type must have the widget (the workflow cannot run without it)."""
+    every node of that type must have the widget (the workflow cannot run without it). One step:
+    the server tier runs the same workflows with 2 (PnP and fusion windows open), this tier checks
+    what the page does."""
     return [
         ("CheckpointLoaderSimple", "ckpt_name", ckpt, True),
         ("STEMLoadVideoFrames", "video", clip, True),
         ("STEMLoadVideoFrames", "frame_load_cap", 2, True),
         ("STEMLoadVideoFrames", "size", 64, True),
-        ("STEMInvert", "steps", 2, True),
+        ("STEMInvert", "steps", 1, True),
         ("STEMTokenFlowEdit", "batch_size", 2, True),
-        ("KSampler", "steps", 2, True),
+        ("KSampler", "steps", 1, True),
         ("EmptyLatentImage", "width", 64, True),
         ("EmptyLatentImage", "height", 64, True),
         ("EmptyLatentImage", "batch_size", 8, True),
