@@ -17,8 +17,8 @@ import torch
 from ...stem.memory import DEFAULT_SHARE, CallShape, PassPlan, plan_fatezero, plan_passes, plan_tokenflow
 from .layer import chunk_count
 from .memory import free_memory
-from .progress import show_text
 from .pack import StemError
+from .progress import show_text
 from .settings import AttentionSettings
 from .unet import memory_profile
 
