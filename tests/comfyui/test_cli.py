@@ -120,7 +120,8 @@ def test_batch_in_process_reuses_the_inversion_and_ctrl_c_cancels_without_output
     # the memory plan before the first step, the progress bar per pass with the step and the pass
     assert err.index("plan: 2 frames in 1 pass") < err.index("step 1/1")
     assert "step 1/1, pass 2/2" in err
-    # the second and third edits reused the first one's inversion
+    # the checkpoint loaded once; the second and third edits reused the first one's inversion
+    assert err.count("> CheckpointLoaderSimple (node 2)") == 1 and err.count("> STEMInvert (node 10)") == 1, err
     assert err.count("inversion: computed") == 1 and err.count("inversion: reused") == 1, err
     assert "2 of 3 done; 1 inversion(s) run for 1 clip(s)" in err
     found = results(stdout)
