@@ -204,7 +204,7 @@ def build_prompt(job: Job, clip_name: str | None) -> dict:
                              f"or '{role.title()} text'); use --set")
         for k, name in where:
             prompt[k]["inputs"][name] = text
-    options = [
+    options = [  # (value, where it goes, its option's name)
         (job.checkpoint, [("CheckpointLoaderSimple", "ckpt_name")]),
         (job.frames, [("STEMLoadVideoFrames", "frame_load_cap")]),
         (job.size, [("STEMLoadVideoFrames", "size")]),
@@ -213,10 +213,11 @@ def build_prompt(job: Job, clip_name: str | None) -> dict:
                                ("STEMFateZeroEdit", "frames_per_pass")]),
         (job.seed, [("STEMTokenFlowEdit", "seed"), ("STEMFateZeroEdit", "seed"), ("KSampler", "seed")]),
     ]
-    for value, targets in options:
-        if value is not None:
-            for cls, name in targets:
-                _set_all(prompt, _of_class(prompt, cls), name, value)
+    for (value, targets), option in zip(options, ("--checkpoint", "--frames", "--size", "--steps",
+                                                   "--frames-per-pass", "--seed")):
+        if value is not None and not sum(_set_all(prompt, _of_class(prompt, cls), name, value) for cls, name in targets):
+            raise UsageError(f"{option}: workflow {job.workflow} has no node it applies to "
+                             f"({', '.join(f'{c}.{n}' for c, n in targets)}); leave it out or use --set")
     if job.command == "fatezero" and job.target is not None:
         # the bundled graph reweights its own example's style words, which a new target lacks
         _set_all(prompt, _of_class(prompt, "STEMFateZeroEdit"), "reweight_words", "")
@@ -518,7 +519,6 @@ class LocalComfy:
         self.last_node_id = None
         self.last_prompt_id = None
         self.sockets_metadata: dict = {}
-        self.messages: list[tuple[str, dict]] = []
         self.cancelled = False
         self.staging: str | None = None
         level = logging.INFO if verbose else logging.WARNING
@@ -579,7 +579,6 @@ class LocalComfy:
     def send_sync(self, event, data, sid=None):
         if not isinstance(event, str):
             return  # previews
-        self.messages.append((event, data))
         if event == "executing" and data.get("node") is not None:
             self.display.executing(str(data["node"]))
         elif event == "execution_cached":
@@ -633,7 +632,7 @@ class LocalComfy:
         self.staging = staging = os.path.join(out_dir, f".stem-run-{prompt_id[:8]}")
         fp.set_output_directory(staging)
         fp.set_temp_directory(os.path.join(staging, ".temp"))
-        self.messages, self.last_prompt_id = [], prompt_id
+        self.last_prompt_id = prompt_id
         self.display.start(prompt)
         t0 = time.perf_counter()
         try:

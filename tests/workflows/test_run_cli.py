@@ -69,12 +69,14 @@ def test_fatezero_and_compare_take_the_prompts_where_their_graphs_have_them():
     assert fz["reweight_words"] == "" and fz["frames_per_pass"] == 4 and fz["seed"] == 7  # the example's words go
     assert node(prompt, "STEMTokenFlowEdit")["keyframes_per_pass"] == 4
     prompt = RUN.build_prompt(full_job(workflow="stem_inversion_reconstruction", command="compare", target=None,
-                                       negative=None), "c.mp4")
+                                       negative=None, seed=None), "c.mp4")
     assert node(prompt, "CLIPTextEncode", "Source prompt")["text"] == "a man"
     assert {v["inputs"]["steps"] for v in prompt.values() if v["class_type"] == "STEMInvert"} == {20}
     assert {v["inputs"]["frames_per_pass"] for v in prompt.values() if v["class_type"] == "STEMAttentionPatch"} == {4}
     with pytest.raises(RUN.UsageError, match="no target prompt"):
         RUN.build_prompt(full_job(workflow="stem_inversion_reconstruction", negative=None), "c.mp4")
+    with pytest.raises(RUN.UsageError, match="--seed: workflow stem_inversion_reconstruction has no node"):
+        RUN.build_prompt(full_job(workflow="stem_inversion_reconstruction", target=None, negative=None), "c.mp4")
 
 
 def test_set_overrides_by_id_title_and_class_after_the_options():
@@ -101,7 +103,7 @@ def test_save_frames_and_inversion_add_savers_wired_to_the_results():
     saves = [v for v in prompt.values() if v["class_type"] == "STEMSaveInversion"]
     assert [s["inputs"] for s in saves] == [{"inversion": ["10", 0], "filename_prefix": "My-Clip_inversion"}]
     prompt = RUN.build_prompt(full_job(workflow="stem_inversion_reconstruction", command="compare", target=None,
-                                       negative=None, save_inversion=True), "c.mp4")
+                                       negative=None, seed=None, save_inversion=True), "c.mp4")
     saves = sorted(v["inputs"]["filename_prefix"] for v in prompt.values() if v["class_type"] == "STEMSaveInversion")
     assert saves == ["My-Clip_inversion_STEM", "My-Clip_inversion_inflated", "My-Clip_inversion_plain-DDIM"]
 
